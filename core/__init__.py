@@ -1,0 +1,1 @@
+"""Parley's core: everything the entry points in `handlers/` use. Never imports `handlers`."""

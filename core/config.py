@@ -1,0 +1,271 @@
+"""Settings from the environment (and an optional `.env` file), typed and checked at start-up.
+
+Each process asks only for what it uses: `WebhookSettings` for the Lambda, `MediaSettings` for the
+media service, `ProviderSettings` for `parley check`. Every field names its variable, how to read
+it and its default in one place (the field's metadata), so the table in DESIGN.md section 3 and
+this file cannot drift apart silently. A missing or malformed value raises `ConfigError` whose
+message is one line: the variable, what was wrong, and what is expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Self, TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+_REQUIRED = object()
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the variable and what is expected."""
+
+    def __init__(self, variable: str, problem: str, expected: str) -> None:
+        self.variable = variable
+        super().__init__(f"{variable}: {problem}; expected {expected}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    variable: str
+    parse: Callable[[str], Any]
+    expected: str
+    default: object
+    secret: bool
+
+
+def setting(
+    variable: str,
+    parse: Callable[[str], T],
+    expected: str,
+    default: object = _REQUIRED,
+    *,
+    secret: bool = False,
+) -> Any:
+    """Declare a dataclass field read from `variable`; `default` is the raw text (or omitted: required)."""
+    return dataclasses.field(
+        metadata={"spec": _Spec(variable, parse, expected, default, secret)},
+    )
+
+
+# -- parsers: each raises ValueError with a short reason -------------------------------------------
+
+
+def text(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("is empty")
+    return raw
+
+
+def optional_text(raw: str) -> str:
+    return raw
+
+
+def positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError(f"{raw!r} is not > 0")
+    return value
+
+
+def non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError(f"{raw!r} is negative")
+    return value
+
+
+def url_with_scheme(*schemes: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        parts = urlsplit(raw)
+        if parts.scheme not in schemes or not parts.netloc:
+            raise ValueError(f"{raw!r} is not a {'/'.join(schemes)} URL with a host")
+        return raw.rstrip("/") if parts.path in ("", "/") else raw
+
+    return parse
+
+
+def optional_url(*schemes: str) -> Callable[[str], str | None]:
+    checked = url_with_scheme(*schemes)
+
+    def parse(raw: str) -> str | None:
+        return checked(raw) if raw.strip() else None
+
+    return parse
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in choices:
+            raise ValueError(f"{raw!r} is not one of them")
+        return raw
+
+    return parse
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+
+def read_environment(env_file: str | Path | None = ".env") -> dict[str, str]:
+    """The process environment over the optional `.env` file (the real environment wins)."""
+    merged: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        from dotenv import dotenv_values
+
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(os.environ)
+    return merged
+
+
+C = TypeVar("C")
+
+
+def _load(cls: type[C], env: Mapping[str, str] | None) -> C:
+    source = read_environment() if env is None else env
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        spec: _Spec = field.metadata["spec"]
+        raw = source.get(spec.variable)
+        if raw is None:
+            if spec.default is _REQUIRED:
+                raise ConfigError(spec.variable, "is not set", spec.expected)
+            raw = str(spec.default)
+        try:
+            values[field.name] = spec.parse(raw)
+        except ValueError as error:
+            shown = "<hidden>" if spec.secret else repr(raw)
+            reason = str(error)
+            if spec.secret and raw.strip() and raw.strip() in reason:
+                reason = "is malformed"
+            raise ConfigError(spec.variable, f"{reason} (got {shown})", spec.expected) from None
+    return cls(**values)
+
+
+def secret_values(settings: object) -> list[str]:
+    """The values of every field marked secret, for the log redactor."""
+    found = []
+    for field in dataclasses.fields(settings):  # type: ignore[arg-type]
+        if field.metadata["spec"].secret:
+            value = getattr(settings, field.name)
+            if isinstance(value, str) and value:
+                found.append(value)
+    return found
+
+
+_SECONDS = "a number of seconds > 0, e.g. 2.0"
+_MS = "a whole number of milliseconds >= 0, e.g. 150"
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookSettings:
+    """What the webhook Lambda reads. It needs no provider keys."""
+
+    twilio_auth_token: str = setting("TWILIO_AUTH_TOKEN", text, "the Twilio account's auth token", secret=True)
+    media_stream_url: str = setting(
+        "MEDIA_STREAM_URL", url_with_scheme("wss"), "the media service's wss://host/media URL"
+    )
+    public_base_url: str | None = setting(
+        "PUBLIC_BASE_URL",
+        optional_url("https"),
+        "the webhook's public https:// base URL, or empty to rebuild it from the request",
+        "",
+    )
+    calls_table: str = setting("CALLS_TABLE", text, "the DynamoDB calls table's name")
+    call_ttl_days: float = setting("CALL_TTL_DAYS", positive_float, "how many days a call item is kept, e.g. 30", "30")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
+        return _load(cls, env)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProviderSettings:
+    """Where and how to reach the three providers; shared by the media service and `parley check`."""
+
+    deepgram_api_key: str = setting("DEEPGRAM_API_KEY", text, "a Deepgram API key", secret=True)
+    deepgram_url: str = setting(
+        "DEEPGRAM_URL",
+        url_with_scheme("wss", "ws"),
+        "a wss:// (or ws:// for a local emulator) listen endpoint",
+        "wss://api.deepgram.com/v1/listen",
+    )
+    deepgram_model: str = setting("DEEPGRAM_MODEL", text, "a Deepgram model name", "nova-3")
+    openai_api_key: str = setting("OPENAI_API_KEY", text, "an OpenAI API key", secret=True)
+    openai_base_url: str | None = setting(
+        "OPENAI_BASE_URL",
+        optional_url("https", "http"),
+        "an http(s):// API base such as https://api.openai.com/v1, or empty for the SDK default",
+        "",
+    )
+    openai_model: str = setting("OPENAI_MODEL", text, "an OpenAI chat model name", "gpt-4o-mini")
+    elevenlabs_api_key: str = setting("ELEVENLABS_API_KEY", text, "an ElevenLabs API key", secret=True)
+    elevenlabs_url: str = setting(
+        "ELEVENLABS_URL",
+        url_with_scheme("wss", "ws"),
+        "a wss:// (or ws:// for a local emulator) API base",
+        "wss://api.elevenlabs.io",
+    )
+    elevenlabs_voice_id: str = setting("ELEVENLABS_VOICE_ID", text, "an ElevenLabs voice id", "21m00Tcm4TlvDq8ikWAM")
+    elevenlabs_model_id: str = setting("ELEVENLABS_MODEL_ID", text, "an ElevenLabs model id", "eleven_flash_v2_5")
+    elevenlabs_output_format: str = setting(
+        "ELEVENLABS_OUTPUT_FORMAT",
+        one_of("ulaw_8000", "pcm_16000", "pcm_24000"),
+        "ulaw_8000, pcm_16000 or pcm_24000",
+        "ulaw_8000",
+    )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
+        return _load(cls, env)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversationSettings:
+    """The turn-taking rules of DESIGN.md section 2 and the agent's words."""
+
+    system_prompt: str = setting(
+        "SYSTEM_PROMPT",
+        text,
+        "the agent's instructions",
+        "You are a friendly, concise phone assistant. Answer in one or two short spoken sentences.",
+    )
+    greeting: str = setting("GREETING", optional_text, "the agent's first words", "Hello! How can I help?")
+    silence_threshold: float = setting("SILENCE_THRESHOLD", positive_float, _SECONDS, "2.0")
+    barge_in_min_speech_ms: int = setting("BARGE_IN_MIN_SPEECH_MS", non_negative_int, _MS, "150")
+    speculate_after_ms: int = setting("SPECULATE_AFTER_MS", non_negative_int, _MS, "400")
+    vad_margin_db: float = setting(
+        "VAD_MARGIN_DB", positive_float, "decibels above the noise floor that count as voice, e.g. 12", "12"
+    )
+    vad_min_level_dbfs: float = setting(
+        "VAD_MIN_LEVEL_DBFS", float, "the quietest level ever taken as voice in dBFS, e.g. -50", "-50"
+    )
+    vad_min_speech_ms: int = setting(
+        "VAD_MIN_SPEECH_MS", non_negative_int, "the shortest sound taken as speech in ms, e.g. 60", "60"
+    )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
+        return _load(cls, env)
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaSettings:
+    """What the media service reads: the upgrade check, the providers, the rules, the table."""
+
+    twilio_auth_token: str = setting("TWILIO_AUTH_TOKEN", text, "the Twilio account's auth token", secret=True)
+    media_stream_url: str = setting(
+        "MEDIA_STREAM_URL", url_with_scheme("wss"), "the media service's public wss://host/media URL"
+    )
+    calls_table: str = setting("CALLS_TABLE", text, "the DynamoDB calls table's name")
+    call_ttl_days: float = setting("CALL_TTL_DAYS", positive_float, "how many days a call item is kept, e.g. 30", "30")
+    drain_seconds: float = setting(
+        "DRAIN_SECONDS", positive_float, "how long SIGTERM waits for live calls, e.g. 110", "110"
+    )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
+        return _load(cls, env)

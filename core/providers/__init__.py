@@ -1,0 +1,1 @@
+"""Asyncio clients for the speech and language providers (Deepgram, OpenAI, ElevenLabs)."""

@@ -1,0 +1,49 @@
+"""The `parley` command line: demo, check, serve and bench. Thin: each command calls into core/infra."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from core.config import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parley", description="An open phone voice agent.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="run one whole simulated call and report on it")
+    demo.add_argument("--real", action="store_true", help="use the real providers (keys from the environment)")
+    demo.add_argument("--out", default="demo-output", help="folder for the recording and the JSON report")
+
+    commands.add_parser("check", help="does each configured provider accept our key and protocol")
+
+    serve = commands.add_parser("serve", help="run a production server under uvicorn")
+    serve.add_argument("app", choices=["media", "webhook"])
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8000)
+
+    bench = commands.add_parser("bench", help="measure latency, CPU and memory (DESIGN.md section 5)")
+    bench.add_argument("--frames", action="store_true", help="only the per-frame audio cost")
+    bench.add_argument("--calls", type=int, nargs="*", default=[1, 10, 50], help="simultaneous calls to run")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "bench" and args.frames:
+            from infra.bench import report_frame_cost
+
+            report_frame_cost()
+            return 0
+        print(f"parley {args.command}: not built yet (see the open issues)", file=sys.stderr)
+        return 0
+    except ConfigError as error:
+        print(f"parley {args.command}: configuration error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

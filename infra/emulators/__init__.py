@@ -1,0 +1,1 @@
+"""Local emulators of Deepgram, OpenAI and ElevenLabs, speaking their wire protocols on loopback."""

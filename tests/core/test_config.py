@@ -1,0 +1,97 @@
+"""Settings: defaults, typing, the `.env` file, and one-line errors naming the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.config import (
+    ConfigError,
+    ConversationSettings,
+    MediaSettings,
+    ProviderSettings,
+    WebhookSettings,
+    read_environment,
+    secret_values,
+)
+
+WEBHOOK_ENV = {
+    "TWILIO_AUTH_TOKEN": "tok-123456",
+    "MEDIA_STREAM_URL": "wss://media.example.com/media",
+    "CALLS_TABLE": "calls",
+}
+PROVIDER_ENV = {"DEEPGRAM_API_KEY": "dg-key-1", "OPENAI_API_KEY": "sk-key-1", "ELEVENLABS_API_KEY": "el-key-1"}
+
+
+def test_defaults_of_design_section_3() -> None:
+    conversation = ConversationSettings.from_env({})
+    assert conversation.silence_threshold == 2.0
+    assert conversation.barge_in_min_speech_ms == 150
+    assert conversation.speculate_after_ms == 400
+    providers = ProviderSettings.from_env(PROVIDER_ENV)
+    assert providers.deepgram_url == "wss://api.deepgram.com/v1/listen"
+    assert providers.deepgram_model == "nova-3"
+    assert providers.openai_base_url is None
+    assert providers.openai_model == "gpt-4o-mini"
+    assert providers.elevenlabs_url == "wss://api.elevenlabs.io"
+    assert providers.elevenlabs_model_id == "eleven_flash_v2_5"
+    assert providers.elevenlabs_output_format == "ulaw_8000"
+    webhook = WebhookSettings.from_env(WEBHOOK_ENV)
+    assert webhook.public_base_url is None
+
+
+def test_each_process_asks_only_for_what_it_uses() -> None:
+    WebhookSettings.from_env(WEBHOOK_ENV)  # no provider keys needed
+    MediaSettings.from_env(WEBHOOK_ENV)  # no PUBLIC_BASE_URL needed
+
+
+@pytest.mark.parametrize(
+    ("cls", "env", "variable", "fragment"),
+    [
+        (WebhookSettings, {**WEBHOOK_ENV, "TWILIO_AUTH_TOKEN": ""}, "TWILIO_AUTH_TOKEN", "is empty"),
+        (WebhookSettings, {k: v for k, v in WEBHOOK_ENV.items() if k != "CALLS_TABLE"}, "CALLS_TABLE", "not set"),
+        (WebhookSettings, {**WEBHOOK_ENV, "MEDIA_STREAM_URL": "https://x/media"}, "MEDIA_STREAM_URL", "wss"),
+        (WebhookSettings, {**WEBHOOK_ENV, "PUBLIC_BASE_URL": "ftp://x"}, "PUBLIC_BASE_URL", "https"),
+        (ConversationSettings, {"SILENCE_THRESHOLD": "two"}, "SILENCE_THRESHOLD", "seconds"),
+        (ConversationSettings, {"SILENCE_THRESHOLD": "-1"}, "SILENCE_THRESHOLD", "not > 0"),
+        (ConversationSettings, {"BARGE_IN_MIN_SPEECH_MS": "1.5"}, "BARGE_IN_MIN_SPEECH_MS", "milliseconds"),
+        (
+            ProviderSettings,
+            {**PROVIDER_ENV, "ELEVENLABS_OUTPUT_FORMAT": "mp3"},
+            "ELEVENLABS_OUTPUT_FORMAT",
+            "ulaw_8000",
+        ),
+        (ProviderSettings, {"OPENAI_API_KEY": "x", "ELEVENLABS_API_KEY": "y"}, "DEEPGRAM_API_KEY", "not set"),
+    ],
+)
+def test_a_bad_value_fails_with_one_line_naming_it(
+    cls: type, env: dict[str, str], variable: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        cls.from_env(env)
+    message = str(caught.value)
+    assert caught.value.variable == variable
+    assert message.startswith(f"{variable}: ")
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_a_malformed_secret_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as caught:
+        WebhookSettings.from_env({**WEBHOOK_ENV, "TWILIO_AUTH_TOKEN": "   "})
+    assert "<hidden>" in str(caught.value)
+
+
+def test_dotenv_file_is_read_under_the_real_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("SILENCE_THRESHOLD=1.5\nGREETING='Hi from .env'\n")
+    monkeypatch.setenv("GREETING", "Hi from the environment")
+    merged = read_environment(env_file)
+    assert merged["SILENCE_THRESHOLD"] == "1.5"
+    assert merged["GREETING"] == "Hi from the environment"
+    assert ConversationSettings.from_env(merged).silence_threshold == 1.5
+
+
+def test_secret_values_are_listed_for_redaction() -> None:
+    assert sorted(secret_values(ProviderSettings.from_env(PROVIDER_ENV))) == sorted(PROVIDER_ENV.values())
