@@ -60,7 +60,8 @@ def ulaw_to_samples(ulaw: bytes) -> Int16Array:
 
 def pcm16_to_ulaw(pcm: bytes) -> bytes:
     """Little-endian 16-bit PCM to µ-law bytes; the byte count must be even."""
-    return _ENCODE[np.frombuffer(pcm, "<u2")].tobytes()
+    encoded: bytes = _ENCODE[np.frombuffer(pcm, "<u2")].tobytes()
+    return encoded
 
 
 def samples_to_ulaw(samples: npt.NDArray[np.int16]) -> bytes:

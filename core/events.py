@@ -1,0 +1,234 @@
+"""The conversation engine's vocabulary: the events it is fed and the actions it returns.
+
+Every event carries `at_ms`, a time on the call's audio clock (milliseconds since the media stream
+began, from Twilio's `media.timestamp`). Events that do not come from caller audio (a transcript, a
+mark echo, TTS audio) are stamped by the adapter with the clock's current reading, the end of the
+last caller frame. Classes are plain slotted dataclasses: a few are made for every 20 ms frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# -- events (fed to the engine) ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class CallStarted:
+    at_ms: int
+    call_sid: str
+    stream_sid: str
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class CallerAudio:
+    """One frame of caller audio, µ-law 8 kHz, beginning at `at_ms`."""
+
+    at_ms: int
+    ulaw: bytes
+
+
+@dataclass(slots=True)
+class Word:
+    text: str
+    start_ms: int
+    end_ms: int
+
+
+@dataclass(slots=True)
+class Transcript:
+    """A Deepgram `Results` message; times are on the audio clock (the client re-bases them)."""
+
+    at_ms: int
+    text: str
+    is_final: bool
+    speech_final: bool = False
+    from_finalize: bool = False
+    start_ms: int = 0
+    end_ms: int = 0
+    words: list[Word] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class UtteranceEnd:
+    at_ms: int
+    last_word_end_ms: int | None = None
+
+
+@dataclass(slots=True)
+class LlmText:
+    at_ms: int
+    reply_id: str
+    text: str
+
+
+@dataclass(slots=True)
+class LlmDone:
+    at_ms: int
+    reply_id: str
+
+
+@dataclass(slots=True)
+class LlmFailed:
+    at_ms: int
+    reply_id: str
+    reason: str
+
+
+@dataclass(slots=True)
+class AlignedChar:
+    """One character of spoken text and when it starts in its audio chunk (ms from the chunk start)."""
+
+    char: str
+    start_ms: float
+    duration_ms: float
+
+
+@dataclass(slots=True)
+class TtsAudio:
+    at_ms: int
+    reply_id: str
+    ulaw: bytes
+    alignment: list[AlignedChar] | None = None
+
+
+@dataclass(slots=True)
+class TtsDone:
+    at_ms: int
+    reply_id: str
+
+
+@dataclass(slots=True)
+class TtsFailed:
+    at_ms: int
+    reply_id: str
+    reason: str
+
+
+@dataclass(slots=True)
+class MarkPlayed:
+    at_ms: int
+    name: str
+
+
+@dataclass(slots=True)
+class DtmfPressed:
+    at_ms: int
+    digit: str
+
+
+@dataclass(slots=True)
+class CallEnded:
+    at_ms: int
+    reason: Literal["stop", "closed", "shutdown", "error"]
+
+
+Event = (
+    CallStarted
+    | CallerAudio
+    | Transcript
+    | UtteranceEnd
+    | LlmText
+    | LlmDone
+    | LlmFailed
+    | TtsAudio
+    | TtsDone
+    | TtsFailed
+    | MarkPlayed
+    | DtmfPressed
+    | CallEnded
+)
+
+# -- actions (returned by the engine) ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SendToStt:
+    ulaw: bytes
+
+
+@dataclass(slots=True)
+class FinalizeStt:
+    pass
+
+
+@dataclass(slots=True)
+class StartLlm:
+    reply_id: str
+    messages: list[dict[str, str]]
+
+
+@dataclass(slots=True)
+class CancelLlm:
+    reply_id: str
+
+
+@dataclass(slots=True)
+class SendTtsText:
+    reply_id: str
+    text: str
+
+
+@dataclass(slots=True)
+class FinishTts:
+    """No more text for this reply: flush and close its context (its final audio follows)."""
+
+    reply_id: str
+
+
+@dataclass(slots=True)
+class CancelTts:
+    """Close the reply's context now; any audio of it that still arrives is dropped."""
+
+    reply_id: str
+
+
+@dataclass(slots=True)
+class SendMedia:
+    ulaw: bytes
+
+
+@dataclass(slots=True)
+class SendMark:
+    name: str
+
+
+@dataclass(slots=True)
+class SendClear:
+    pass
+
+
+@dataclass(slots=True)
+class RecordMetric:
+    name: str
+    value: float
+    reply_id: str | None = None
+
+
+@dataclass(slots=True)
+class CloseProviders:
+    pass
+
+
+@dataclass(slots=True)
+class SaveSummary:
+    summary: dict[str, Any]
+
+
+Action = (
+    SendToStt
+    | FinalizeStt
+    | StartLlm
+    | CancelLlm
+    | SendTtsText
+    | FinishTts
+    | CancelTts
+    | SendMedia
+    | SendMark
+    | SendClear
+    | RecordMetric
+    | CloseProviders
+    | SaveSummary
+)

@@ -1,0 +1,516 @@
+"""The conversation engine, rule by rule (DESIGN.md section 2), as scenarios of events and actions.
+
+`Call` drives a `Conversation` the way the call runner does, with pure stand-ins around it: a
+Deepgram that answers `Finalize`, an LLM and a TTS that answer at once (50 ms of audio per
+character, with alignment), and a Twilio that plays audio out on the audio clock, echoes each mark
+when playback reaches it and, on `clear`, echoes every pending mark at once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import numpy as np
+import pytest
+
+from core.audio import samples_to_ulaw
+from core.engine import (
+    AGENT_TRANSITIONS,
+    CALLER_TRANSITIONS,
+    AgentState,
+    CallerState,
+    Conversation,
+    ConversationError,
+    TurnRules,
+)
+from core.events import (
+    Action,
+    AlignedChar,
+    CallEnded,
+    CallerAudio,
+    CallStarted,
+    CancelLlm,
+    CancelTts,
+    CloseProviders,
+    DtmfPressed,
+    Event,
+    FinalizeStt,
+    FinishTts,
+    LlmDone,
+    LlmFailed,
+    LlmText,
+    MarkPlayed,
+    RecordMetric,
+    SaveSummary,
+    SendClear,
+    SendMark,
+    SendMedia,
+    SendToStt,
+    SendTtsText,
+    StartLlm,
+    Transcript,
+    TtsAudio,
+    TtsDone,
+    Word,
+)
+
+_rng = np.random.default_rng(3)
+SPEECH = [samples_to_ulaw(np.round(_rng.normal(0, 3000, 160)).astype(np.int16)) for _ in range(25)]
+SILENCE = b"\xff" * 160
+MS_PER_CHAR = 50
+ANSWER = "Sure, I can help with that. What time would you like?"
+
+
+class Call:
+    def __init__(
+        self,
+        answer: str | list[str] = ANSWER,
+        *,
+        llm_finishes: bool = True,
+        alignment: bool = True,
+        llm_failures: int = 0,
+        tts_answers: bool = True,
+        **rules: Any,
+    ) -> None:
+        self.engine = Conversation(TurnRules(**{"greeting": "", **rules}))
+        self.answer = [answer] if isinstance(answer, str) else answer
+        self.llm_finishes = llm_finishes
+        self.alignment = alignment
+        self.llm_failures = llm_failures
+        self.tts_answers = tts_answers
+        self.now = 0
+        self.steps: list[tuple[int, list[Action]]] = []
+        self.started: dict[str, list[dict[str, str]]] = {}
+        self.cancelled_llm: set[str] = set()
+        self.cancelled_tts: set[str] = set()
+        self.media: list[tuple[int, bytes]] = []
+        self.playout: deque[tuple[float, str]] = deque()
+        self.play_until = 0.0
+        self.echoed_on_clear: list[str] = []
+        self._queue: deque[Event] = deque()
+        self.feed(CallStarted(0, "CA1", "MZ1"))
+
+    # -- driving ----------------------------------------------------------------------------------
+
+    def feed(self, event: Event) -> list[Action]:
+        self._queue.append(event)
+        first: list[Action] | None = None
+        while self._queue:
+            actions = self.engine.handle(self._queue.popleft())
+            first = actions if first is None else first
+            self.steps.append((self.now, actions))
+            for action in actions:
+                self._carry_out(action)
+        return first or []
+
+    def frames(self, ms: int, frames: list[bytes]) -> None:
+        for index in range(ms // 20):
+            at = self.now
+            self.now += 20
+            self.feed(CallerAudio(at, frames[index % len(frames)]))
+            while self.playout and self.playout[0][0] <= self.now:
+                self.feed(MarkPlayed(self.now, self.playout.popleft()[1]))
+
+    def speak(self, ms: int) -> None:
+        self.frames(ms, SPEECH)
+
+    def silence(self, ms: int) -> None:
+        self.frames(ms, [SILENCE])
+
+    def words(self, text: str, start_ms: int, end_ms: int, **flags: bool) -> list[Action]:
+        tokens = text.split()
+        step = (end_ms - start_ms) / len(tokens)
+        words = [Word(t, int(start_ms + i * step), int(start_ms + (i + 1) * step)) for i, t in enumerate(tokens)]
+        return self.feed(Transcript(self.now, text, True, start_ms=start_ms, end_ms=end_ms, words=words, **flags))
+
+    # -- the stand-ins --------------------------------------------------------------------------------
+
+    def _carry_out(self, action: Action) -> None:
+        match action:
+            case FinalizeStt():
+                self._queue.append(Transcript(self.now, "", True, from_finalize=True))
+            case StartLlm(reply_id=reply_id, messages=messages):
+                self.started[reply_id] = messages
+                if self.llm_failures:
+                    self.llm_failures -= 1
+                    self._queue.append(LlmFailed(self.now, reply_id, "HTTP 500"))
+                    return
+                self._queue.extend(LlmText(self.now, reply_id, piece) for piece in self.answer)
+                if self.llm_finishes:
+                    self._queue.append(LlmDone(self.now, reply_id))
+            case CancelLlm(reply_id=reply_id):
+                self.cancelled_llm.add(reply_id)
+            case CancelTts(reply_id=reply_id):
+                self.cancelled_tts.add(reply_id)
+            case SendTtsText(reply_id=reply_id, text=text) if self.tts_answers:
+                self._queue.append(TtsAudio(self.now, reply_id, _audio(text), _align(text) if self.alignment else None))
+            case FinishTts(reply_id=reply_id) if self.tts_answers:
+                self._queue.append(TtsDone(self.now, reply_id))
+            case SendMedia(ulaw=ulaw):
+                self.media.append((self.now, ulaw))
+                self.play_until = max(self.play_until, self.now) + len(ulaw) / 8
+            case SendMark(name=name):
+                self.playout.append((self.play_until, name))
+            case SendClear():
+                self.play_until = self.now
+                while self.playout:
+                    name = self.playout.popleft()[1]
+                    self.echoed_on_clear.append(name)
+                    self._queue.append(MarkPlayed(self.now, name))
+
+    # -- reading what happened --------------------------------------------------------------------
+
+    def actions(self, kind: type) -> list[Any]:
+        return [a for _, step in self.steps for a in step if isinstance(a, kind)]
+
+    def step_with(self, kind: type) -> tuple[int, list[Action]]:
+        return next((at, step) for at, step in self.steps if any(isinstance(a, kind) for a in step))
+
+    def user_turns(self) -> list[str]:
+        return [m["content"] for m in self.engine.history if m["role"] == "user"]
+
+    def committed_prompts(self) -> list[str]:
+        """The caller text of every reply that was started and not cancelled."""
+        return [
+            messages[-1]["content"]
+            for reply_id, messages in self.started.items()
+            if reply_id not in self.cancelled_llm and reply_id not in self.cancelled_tts
+        ]
+
+
+def _audio(text: str) -> bytes:
+    return b"\x7f" * (len(text) * MS_PER_CHAR * 8)
+
+
+def _align(text: str) -> list[AlignedChar]:
+    return [AlignedChar(c, i * MS_PER_CHAR, MS_PER_CHAR) for i, c in enumerate(text)]
+
+
+def caller_turn(call: Call, text: str, speech_ms: int = 800) -> tuple[int, int]:
+    """The caller says `text` (speech, then its final transcript 100 ms later); returns its span."""
+    start = call.now
+    call.speak(speech_ms)
+    call.silence(100)
+    call.words(text, start, start + speech_ms)
+    return start, start + speech_ms
+
+
+# -- rule 1: caller turns ------------------------------------------------------------------------
+
+
+def test_a_pause_shorter_than_the_threshold_keeps_one_turn() -> None:
+    call = Call()
+    call.silence(1000)
+    caller_turn(call, "book a table")
+    call.silence(1400)  # 1.5 s pause in all
+    caller_turn(call, "for two")
+    call.silence(5000)
+    assert call.user_turns() == ["book a table for two"]
+    assert call.engine.summary()["turn_count"] == 1
+
+
+def test_a_pause_at_the_threshold_or_longer_makes_two_turns() -> None:
+    call = Call("OK.")
+    call.silence(1000)
+    caller_turn(call, "book a table")
+    call.silence(2400)  # 2.5 s pause: the first turn ended, was answered and the answer played
+    caller_turn(call, "for two")
+    call.silence(3000)
+    assert call.user_turns() == ["book a table", "for two"]
+
+
+def test_the_turn_ends_exactly_at_the_threshold_on_the_audio_clock() -> None:
+    call = Call(speculate_after_ms=10_000)  # no speculation: the reply starts at the turn's end
+    call.silence(1000)
+    caller_turn(call, "hello")  # speech 1000..1800
+    call.silence(3000)
+    at, step = call.step_with(StartLlm)
+    assert at == 1800 + 2000
+    assert any(isinstance(a, FinalizeStt) for a in step)  # pending words flushed at the turn end
+
+
+def test_a_turn_without_words_sends_nothing() -> None:
+    call = Call()
+    call.silence(500)
+    call.speak(300)  # a cough: speech, no words
+    call.silence(4000)
+    assert call.actions(StartLlm) == []
+    assert call.engine.caller_state is CallerState.SILENT
+
+
+def test_words_the_detector_missed_still_make_a_turn() -> None:
+    call = Call(speculate_after_ms=10_000)
+    call.silence(1000)
+    call.words("quiet words", 400, 900)  # Deepgram heard what was too quiet for the detector
+    call.silence(2500)
+    assert call.committed_prompts() == ["quiet words"]
+    assert call.step_with(StartLlm)[0] == 900 + 2000
+
+
+# -- rules 3, 4, 5, 6: bot speaking, barge-in, discard, what was heard ---------------------------
+
+
+def test_bot_speaking_lasts_until_the_last_mark_of_the_reply_is_played() -> None:
+    call = Call("Fine.")  # 5 chars: 250 ms of audio
+    call.silence(500)
+    caller_turn(call, "hi")
+    call.silence(2000)  # threshold passes here; the held reply goes out
+    assert call.engine.agent_state is AgentState.SPEAKING
+    marks = call.actions(SendMark)
+    assert marks and all(m.name.startswith("r1.") for m in marks)
+    call.silence(300)
+    assert call.engine.agent_state is AgentState.IDLE
+    assert call.engine.history[-1] == {"role": "assistant", "content": "Fine."}
+
+
+def test_short_speech_while_the_bot_talks_is_discarded() -> None:
+    call = Call()
+    call.silence(500)
+    caller_turn(call, "hello")
+    call.silence(2100)  # the reply (2.7 s) is playing
+    assert call.engine.agent_state is AgentState.SPEAKING
+    start = call.now
+    call.speak(100)  # "mm-hm": shorter than the barge-in minimum
+    call.silence(100)
+    call.words("mm-hm", start, start + 100)
+    call.silence(4000)  # the reply ends; a long silence follows
+    assert call.actions(SendClear) == []
+    assert call.user_turns() == ["hello"]
+    caller_turn(call, "what about friday")
+    call.silence(2500)
+    assert call.committed_prompts()[-1] == "what about friday"
+
+
+def test_barge_in_stops_everything_in_one_step_and_its_words_start_the_next_turn() -> None:
+    call = Call(["Sure, I can help with that. ", "What time would you like?"], llm_finishes=False)
+    call.silence(500)
+    caller_turn(call, "book a table")
+    call.silence(2000)
+    assert call.engine.agent_state is AgentState.SPEAKING
+    call.silence(400)
+    onset = call.now
+    call.speak(200)
+    at, step = call.step_with(SendClear)
+    kinds = [type(a) for a in step]
+    assert {SendClear, CancelTts, CancelLlm} <= set(kinds)
+    assert at - onset == 160  # the first frame at which 150 ms of speech had been heard
+    assert next(a.value for a in step if isinstance(a, RecordMetric) and a.name == "barge_in_ms") == 160
+    call.speak(400)
+    call.silence(100)
+    call.words("actually make it four", onset, onset + 600)
+    call.silence(6000)
+    messages = call.actions(StartLlm)[-1].messages
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[1]["content"] == "book a table"
+    assert ANSWER.startswith(messages[2]["content"]) and messages[2]["content"] != ANSWER
+    assert messages[3]["content"] == "actually make it four"
+
+
+@pytest.mark.parametrize("alignment", [True, False])
+def test_the_interrupted_reply_is_kept_as_far_as_it_was_heard(alignment: bool) -> None:
+    call = Call(ANSWER, alignment=alignment)
+    call.silence(500)
+    caller_turn(call, "book a table")
+    call.silence(2000)
+    first_audio = call.media[0][0]
+    call.silence(440)
+    call.speak(200)  # barge-in decided 700 ms into playback
+    clear_at = call.step_with(SendClear)[0]
+    assert clear_at - first_audio == 700
+    heard = call.engine.history[-1]
+    assert heard["role"] == "assistant"
+    # 700 ms at 50 ms a character is "Sure, I can he"; the half-heard word is dropped.
+    assert heard["content"] == "Sure, I can"
+    summary = call.engine.summary()
+    assert summary["turns"][-1]["interrupted"] is True
+    assert summary["turns"][-1]["full_text"] == ANSWER
+
+
+def test_marks_echoed_by_a_clear_are_not_taken_as_played() -> None:
+    call = Call(ANSWER)
+    call.silence(500)
+    caller_turn(call, "book a table")
+    call.silence(2300)
+    call.speak(200)
+    assert call.echoed_on_clear  # Twilio echoed the unplayed marks on clear ...
+    assert call.engine.history[-1]["content"] != ANSWER  # ... and they did not count as played
+    assert call.engine.agent_state is AgentState.IDLE
+
+
+def test_late_audio_of_an_interrupted_reply_is_dropped() -> None:
+    call = Call(ANSWER)
+    call.silence(500)
+    caller_turn(call, "book a table")
+    call.silence(2300)
+    call.speak(200)
+    assert call.actions(SendClear)
+    reply_id = call.actions(SendMark)[0].name.split(".")[0]
+    assert call.feed(TtsAudio(call.now, reply_id, b"\x7f" * 800)) == []
+
+
+def test_marks_carry_the_reply_id_and_each_sentence_has_one() -> None:
+    call = Call(ANSWER)
+    call.silence(500)
+    caller_turn(call, "book a table")
+    call.silence(2100)
+    names = [m.name for m in call.actions(SendMark)]
+    assert names == ["r1.1", "r1.2"]  # the chunk is cut after "that." so each sentence has a mark
+    first_piece = call.actions(SendMedia)[0].ulaw
+    assert len(first_piece) == len("Sure, I can help with that.") * MS_PER_CHAR * 8
+
+
+# -- rule 7: speculation ------------------------------------------------------------------------
+
+
+def test_speculation_holds_audio_and_releases_it_the_moment_the_threshold_passes() -> None:
+    call = Call()
+    call.silence(1000)
+    _, speech_end = caller_turn(call, "book a table")
+    call.silence(600)
+    assert call.engine.agent_state is AgentState.HOLDING  # started at a 400 ms pause
+    assert call.actions(StartLlm) and call.actions(SendMedia) == []  # audio ready, held back
+    call.silence(1400)
+    at, step = call.step_with(SendMedia)
+    assert at == speech_end + 2000
+    assert next(a.value for a in step if isinstance(a, RecordMetric) and a.name == "reply_latency_ms") == 2000
+
+
+def test_speculation_is_cancelled_when_the_caller_goes_on() -> None:
+    call = Call(llm_finishes=False)
+    call.silence(1000)
+    caller_turn(call, "book a table")
+    call.silence(600)
+    speculative = call.actions(StartLlm)[0].reply_id
+    caller_turn(call, "for two")
+    assert speculative in call.cancelled_llm and speculative in call.cancelled_tts
+    assert call.actions(SendMedia) == []
+    call.silence(2500)
+    assert call.committed_prompts() == ["book a table for two"]
+
+
+def test_speech_final_starts_the_speculation_before_the_local_pause() -> None:
+    call = Call()
+    call.silence(1000)
+    start = call.now
+    call.speak(800)
+    call.silence(300)  # Deepgram's endpointing pause; the local 400 ms has not passed
+    call.words("book a table", start, start + 800, speech_final=True)
+    assert call.engine.agent_state is AgentState.HOLDING
+    assert call.actions(FinalizeStt) == []
+
+
+def test_late_words_of_a_closed_turn_restart_a_reply_not_yet_heard() -> None:
+    call = Call(speculate_after_ms=10_000, tts_answers=False)  # the reply has no audio yet
+    call.silence(1000)
+    call.speak(800)
+    call.silence(100)
+    call.words("book a", 1000, 1400)
+    call.silence(1900)  # the turn ended at 3800 with "book a"
+    first = call.actions(StartLlm)[0].reply_id
+    call.words("table", 1400, 1800)  # Deepgram's last words, late
+    assert first in call.cancelled_tts
+    assert call.committed_prompts() == ["book a table"]
+
+
+# -- rules 8, 9, 10: greeting, DTMF, call end ----------------------------------------------------
+
+
+def test_the_greeting_is_spoken_on_start_and_can_be_interrupted() -> None:
+    call = Call(greeting="Hello! Thanks for calling.")
+    assert call.actions(SendTtsText)[0].text == "Hello! Thanks for calling."
+    assert call.actions(SendMedia)
+    call.silence(300)
+    call.speak(200)
+    assert call.actions(SendClear)
+    assert call.engine.history == [{"role": "assistant", "content": "Hello!"}]
+
+
+def test_dtmf_digits_are_part_of_the_callers_turn() -> None:
+    call = Call(speculate_after_ms=10_000)
+    call.silence(500)
+    caller_turn(call, "my code is")
+    call.feed(DtmfPressed(call.now, "4"))
+    call.silence(200)
+    call.feed(DtmfPressed(call.now, "2"))
+    call.silence(2500)
+    assert call.committed_prompts() == ["my code is (pressed 4) (pressed 2)"]
+
+
+def test_a_key_press_interrupts_the_bot() -> None:
+    call = Call(ANSWER)
+    call.silence(500)
+    caller_turn(call, "hello")
+    call.silence(2300)
+    call.feed(DtmfPressed(call.now, "0"))
+    assert call.actions(SendClear)
+    call.silence(2500)
+    assert call.committed_prompts()[-1] == "(pressed 0)"
+
+
+def test_call_end_cancels_everything_and_saves_the_summary() -> None:
+    call = Call(llm_finishes=False)
+    call.silence(500)
+    caller_turn(call, "book a table")
+    call.silence(2200)
+    step = call.feed(CallEnded(call.now, "stop"))
+    kinds = [type(a) for a in step]
+    assert CancelLlm in kinds and CancelTts in kinds and CloseProviders in kinds
+    summary = next(a.summary for a in step if isinstance(a, SaveSummary))
+    assert summary["turn_count"] == 1
+    assert summary["end_reason"] == "stop"
+    assert "Caller: book a table" in summary["transcript"]
+    assert summary["reply_latency_ms"] == [2000]
+    assert call.engine.handle(CallerAudio(call.now, SPEECH[0])) == []  # nothing after the end
+
+
+def test_a_hang_up_during_a_speculation_keeps_the_callers_words_once() -> None:
+    call = Call()
+    call.silence(500)
+    caller_turn(call, "are you there")
+    call.silence(600)
+    assert call.engine.agent_state is AgentState.HOLDING
+    summary = call.engine.handle(CallEnded(call.now, "closed"))[-1]
+    assert isinstance(summary, SaveSummary)
+    assert [t["text"] for t in summary.summary["turns"]] == ["are you there"]
+
+
+# -- reliability: the model fails ------------------------------------------------------------------
+
+
+def test_an_llm_error_is_retried_once() -> None:
+    call = Call("Fine.", llm_failures=1, speculate_after_ms=10_000)
+    call.silence(500)
+    caller_turn(call, "hello")
+    call.silence(2600)
+    assert len(call.actions(StartLlm)) == 2
+    assert call.engine.history[-1] == {"role": "assistant", "content": "Fine."}
+
+
+def test_after_two_llm_errors_the_agent_apologises() -> None:
+    call = Call("Fine.", llm_failures=2, speculate_after_ms=10_000)
+    call.silence(500)
+    caller_turn(call, "hello")
+    call.silence(6000)
+    assert call.engine.history[-1]["content"] == TurnRules().apology
+
+
+# -- the machines themselves ---------------------------------------------------------------------
+
+
+def test_every_state_but_ended_can_end_the_call() -> None:
+    for table, ended in ((CALLER_TRANSITIONS, CallerState.ENDED), (AGENT_TRANSITIONS, AgentState.ENDED)):
+        for state, moves in table.items():
+            assert (state is ended) == ("call_ended" not in moves)
+
+
+def test_a_trigger_the_table_does_not_allow_names_the_state() -> None:
+    engine = Conversation()
+    with pytest.raises(ConversationError, match="the agent cannot 'barge_in' while IDLE"):
+        engine._agent("barge_in")
+
+
+def test_every_caller_frame_goes_to_stt() -> None:
+    engine = Conversation(TurnRules(greeting=""))
+    actions = engine.handle(CallerAudio(0, SPEECH[0]))
+    assert actions[0] == SendToStt(SPEECH[0])
