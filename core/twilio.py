@@ -14,6 +14,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import parse_qs, urlsplit, urlunsplit
+from xml.sax.saxutils import quoteattr
 
 import msgspec
 
@@ -274,3 +275,24 @@ def public_url(
     scheme = lowered.get("x-forwarded-proto", default_scheme).split(",")[0].strip()
     host = lowered.get("x-forwarded-host") or lowered.get("host", "")
     return f"{scheme}://{host.split(',')[0].strip()}{suffix}"
+
+
+# -- TwiML ------------------------------------------------------------------------------------------
+
+
+def connect_stream_twiml(stream_url: str, status_callback: str | None, parameters: Mapping[str, str]) -> str:
+    """`<Connect><Stream>` (bidirectional) with `<Parameter>`s, then `<Hangup/>`.
+
+    TwiML after `<Connect>` runs only when our server closes the socket; hanging up there makes the
+    end of our stream the end of the call, rather than leaving the caller in silence.
+    """
+    attributes = f"url={quoteattr(stream_url)}"
+    if status_callback:
+        attributes += f' statusCallback={quoteattr(status_callback)} statusCallbackMethod="POST"'
+    inner = "".join(
+        f"<Parameter name={quoteattr(name)} value={quoteattr(value)} />" for name, value in parameters.items() if value
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        f"<Response><Connect><Stream {attributes}>{inner}</Stream></Connect><Hangup /></Response>"
+    )

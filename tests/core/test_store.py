@@ -1,0 +1,189 @@
+"""The call store, against moto and against dynalite (an independent DynamoDB implementation)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from core.store import CallStore, create_table
+
+NOW = 1_795_478_400.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(dynamodb: Any, table_name: str, clock: Clock) -> CallStore:
+    create_table(dynamodb, table_name)
+    return CallStore(dynamodb, table_name, ttl_days=30, clock=clock)
+
+
+VOICE = {
+    "CallSid": "CA" + "1" * 32,
+    "AccountSid": "AC" + "0" * 32,
+    "From": "+15551234567",
+    "To": "+15557654321",
+    "CallStatus": "ringing",
+    "Direction": "inbound",
+    "ApiVersion": "2010-04-01",
+}
+
+
+def status(call_sid: str, sequence: int, value: str, duration: str = "") -> dict[str, str]:
+    params = {
+        "CallSid": call_sid,
+        "CallStatus": value,
+        "SequenceNumber": str(sequence),
+        "Timestamp": f"Tue, 24 Nov 2026 00:00:{sequence:02d} +0000",
+        "CallbackSource": "call-progress-events",
+    }
+    if duration:
+        params["CallDuration"] = duration
+    return params
+
+
+def test_the_incoming_call_is_recorded_with_its_expiry(store: CallStore) -> None:
+    store.record_call(VOICE)
+    item = store.get_call(VOICE["CallSid"])
+    assert item is not None
+    assert item["from_number"] == "+15551234567" and item["to_number"] == "+15557654321"
+    assert item["direction"] == "inbound" and item["status"] == "ringing"
+    assert item["created_at"] == int(NOW)
+    assert item["expires_at"] == int(NOW) + 30 * 86400
+
+
+def test_a_retried_webhook_changes_nothing(store: CallStore, clock: Clock) -> None:
+    store.record_call(VOICE)
+    first = store.get_call(VOICE["CallSid"])
+    clock.now += 5
+    store.record_call({**VOICE, "From": "+19999999999"})
+    assert store.get_call(VOICE["CallSid"]) == first
+
+
+def test_status_follows_sequence_and_final_states_stay_final(store: CallStore) -> None:
+    sid = VOICE["CallSid"]
+    store.record_call(VOICE)
+    store.record_status(status(sid, 3, "completed", "42"))
+    store.record_status(status(sid, 2, "in-progress"))  # late
+    store.record_status(status(sid, 1, "ringing"))  # later still
+    store.record_status(status(sid, 3, "completed", "42"))  # duplicate
+    item = store.get_call(sid)
+    assert item is not None
+    assert item["status"] == "completed" and item["call_duration"] == 42
+    assert [h["status"] for h in CallStore.status_history(item)] == ["ringing", "in-progress", "completed"]
+    assert item["from_number"] == VOICE["From"]  # the webhook's record is untouched
+
+
+def test_a_status_callback_before_the_voice_record_still_lands(store: CallStore) -> None:
+    sid = "CA" + "2" * 32
+    store.record_status(status(sid, 0, "initiated"))
+    store.record_call({**VOICE, "CallSid": sid})
+    item = store.get_call(sid)
+    assert item is not None and item["status"] == "initiated" and item["from_number"] == VOICE["From"]
+
+
+def test_stream_events_are_kept(store: CallStore) -> None:
+    sid = VOICE["CallSid"]
+    for event in ("stream-started", "stream-stopped", "stream-started"):
+        store.record_stream_event({"CallSid": sid, "StreamSid": "MZ1", "StreamEvent": event, "Timestamp": f"t-{event}"})
+    item = store.get_call(sid)
+    assert item is not None
+    assert item["stream_sid"] == "MZ1"
+    assert item["stream_log"] == ["t-stream-started|stream-started|MZ1|", "t-stream-stopped|stream-stopped|MZ1|"]
+
+
+def test_the_media_service_completes_without_overwriting(store: CallStore) -> None:
+    store.record_call(VOICE)
+    summary = {
+        "transcript": "Agent: Hello\nCaller: hi",
+        "turns": [{"role": "agent", "text": "Hello", "interrupted": False, "reply_latency_ms": None}],
+        "turn_count": 1,
+        "reply_latency_ms": [2012.5, 2030],
+        "interruptions": 0,
+        "end_reason": "stop",
+        "duration_ms": 15000,
+    }
+    store.complete_call(VOICE["CallSid"], summary, {"From": "+10000000000", "StreamSid": "MZ9"})
+    item = store.get_call(VOICE["CallSid"])
+    assert item is not None
+    assert item["from_number"] == VOICE["From"]  # the webhook wrote it first
+    assert item["stream_sid"] == "MZ9"
+    assert item["transcript"] == summary["transcript"] and item["turn_count"] == 1
+    assert item["latency"]["reply_ms"] == [2012.5, 2030]
+    assert item["turns"][0]["reply_latency_ms"] is None
+
+
+def test_the_media_service_creates_a_missing_item(store: CallStore) -> None:
+    sid = "CA" + "3" * 32
+    store.complete_call(sid, {"transcript": "x", "turn_count": 0}, {"From": "+1555"})
+    item = store.get_call(sid)
+    assert item is not None and item["from_number"] == "+1555" and item["expires_at"] > NOW
+
+
+def test_expired_items_are_not_read(store: CallStore, clock: Clock) -> None:
+    store.record_call(VOICE)
+    clock.now += 31 * 86400  # DynamoDB may not have deleted it yet
+    assert store.get_call(VOICE["CallSid"]) is None
+
+
+def test_the_table_expires_items_by_ttl(request: pytest.FixtureRequest, dynamodb: Any, table_name: str) -> None:
+    if request.node.callspec.params["dynamodb"] == "dynalite":
+        pytest.skip("dynalite has no UpdateTimeToLive/DescribeTimeToLive")
+    create_table(dynamodb, table_name)
+    description = dynamodb.describe_time_to_live(TableName=table_name)["TimeToLiveDescription"]
+    assert description == {"TimeToLiveStatus": "ENABLED", "AttributeName": "expires_at"}
+
+
+# -- any order and duplication of the callbacks ends as the ordered sequence ---------------------
+
+_progressions = st.sampled_from(
+    [
+        ["initiated", "ringing", "in-progress", "completed"],
+        ["initiated", "ringing", "no-answer"],
+        ["initiated", "ringing", "busy"],
+        ["initiated", "failed"],
+        ["ringing", "canceled"],
+        ["initiated", "ringing", "in-progress"],
+    ]
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(progression=_progressions, data=st.data())
+def test_any_order_and_duplication_ends_as_the_ordered_sequence(
+    store: CallStore, progression: list[str], data: st.DataObject
+) -> None:
+    callbacks = [status("", seq, value, "17" if value == "completed" else "") for seq, value in enumerate(progression)]
+    shuffled = data.draw(st.permutations(callbacks))
+    duplicates = data.draw(st.lists(st.sampled_from(callbacks), max_size=4))
+    positions = data.draw(st.lists(st.integers(0, len(shuffled)), min_size=len(duplicates), max_size=len(duplicates)))
+    delivered = list(shuffled)
+    for position, duplicate in zip(positions, duplicates, strict=True):
+        delivered.insert(position, duplicate)
+
+    ordered_sid, shuffled_sid = f"CA{uuid.uuid4().hex}", f"CA{uuid.uuid4().hex}"
+    for callback in callbacks:
+        store.record_status({**callback, "CallSid": ordered_sid})
+    for callback in delivered:
+        store.record_status({**callback, "CallSid": shuffled_sid})
+    ordered, shuffled_item = store.get_call(ordered_sid), store.get_call(shuffled_sid)
+    assert ordered is not None and shuffled_item is not None
+    ordered.pop("CallSid"), shuffled_item.pop("CallSid")
+    assert shuffled_item == ordered
+    terminal = [v for v in progression if v in {"completed", "busy", "failed", "no-answer", "canceled"}]
+    assert ordered["status"] == (terminal[0] if terminal else progression[-1])

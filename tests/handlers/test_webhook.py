@@ -1,0 +1,275 @@
+"""The webhook Lambda, called as Lambda calls it: API Gateway HTTP API v2 events, under moto."""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import io
+import json
+import logging
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from types import ModuleType, SimpleNamespace
+from typing import Any
+from urllib.parse import urlencode
+
+import boto3
+import pytest
+from moto import mock_aws
+from twilio.request_validator import RequestValidator
+from twilio.twiml.voice_response import Connect, Hangup, VoiceResponse
+
+from core.store import CallStore, create_table
+
+TOKEN = "auth-token-0123456789"
+HOST = "abc123defg.execute-api.us-east-1.amazonaws.com"
+MEDIA_URL = "wss://media.example.com/media"
+CALL_SID = "CA" + "1" * 32
+VOICE_FORM = {
+    "AccountSid": "AC" + "0" * 32,
+    "ApiVersion": "2010-04-01",
+    "CallSid": CALL_SID,
+    "CallStatus": "ringing",
+    "Called": "+15557654321",
+    "Caller": "+15551234567",
+    "Direction": "inbound",
+    "From": "+15551234567",
+    "FromCountry": "US",
+    "To": "+15557654321",
+    "ToCountry": "US",
+}
+CONTEXT = SimpleNamespace(
+    function_name="parley-webhook",
+    memory_limit_in_mb=512,
+    invoked_function_arn="arn:aws:lambda:us-east-1:123456789012:function:parley-webhook",
+    aws_request_id="req-1",
+)
+
+
+def event(
+    path: str, form: dict[str, str], *, signature: str | None = "sign", signed_url: str | None = None
+) -> dict[str, Any]:
+    """An HTTP API v2 event as API Gateway sends it on the $default stage (form body in base64)."""
+    body = urlencode(form)
+    headers = {
+        "accept": "*/*",
+        "content-length": str(len(body)),
+        "content-type": "application/x-www-form-urlencoded",
+        "host": HOST,
+        "user-agent": "TwilioProxy/1.1",
+        "x-forwarded-for": "203.0.113.10",
+        "x-forwarded-port": "443",
+        "x-forwarded-proto": "https",
+    }
+    if signature == "sign":
+        signature = RequestValidator(TOKEN).compute_signature(signed_url or f"https://{HOST}{path}", form)
+    if signature is not None:
+        headers["x-twilio-signature"] = signature
+    return {
+        "version": "2.0",
+        "routeKey": f"POST {path}",
+        "rawPath": path,
+        "rawQueryString": "",
+        "headers": headers,
+        "requestContext": {
+            "accountId": "123456789012",
+            "apiId": "abc123defg",
+            "domainName": HOST,
+            "domainPrefix": "abc123defg",
+            "http": {
+                "method": "POST",
+                "path": path,
+                "protocol": "HTTP/1.1",
+                "sourceIp": "203.0.113.10",
+                "userAgent": "TwilioProxy/1.1",
+            },
+            "requestId": "Ab1CdEfGhIjKlM=",
+            "routeKey": f"POST {path}",
+            "stage": "$default",
+            "time": "24/Nov/2026:00:00:00 +0000",
+            "timeEpoch": 1795478400000,
+        },
+        "body": base64.b64encode(body.encode()).decode(),
+        "isBase64Encoded": True,
+    }
+
+
+@pytest.fixture
+def webhook(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", TOKEN)
+    monkeypatch.setenv("MEDIA_STREAM_URL", MEDIA_URL)
+    monkeypatch.setenv("CALLS_TABLE", "calls")
+    monkeypatch.delenv("PUBLIC_BASE_URL", raising=False)
+    with mock_aws():
+        create_table(boto3.client("dynamodb"), "calls")
+        import handlers.webhook
+
+        yield importlib.reload(handlers.webhook)
+
+
+def stored(call_sid: str = CALL_SID) -> dict[str, Any] | None:
+    return CallStore(boto3.client("dynamodb"), "calls").get_call(call_sid)
+
+
+def emf_metrics(output: str) -> dict[str, float]:
+    """Metric totals over every EMF line printed (one per invocation)."""
+    found: dict[str, float] = {}
+    for line in output.splitlines():
+        if line.startswith("{") and '"_aws"' in line:
+            record = json.loads(line)
+            for definition in record["_aws"]["CloudWatchMetrics"][0]["Metrics"]:
+                values = record[definition["Name"]]
+                found[definition["Name"]] = found.get(definition["Name"], 0) + sum(
+                    values if isinstance(values, list) else [values]
+                )
+    return found
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    """The JSON log lines, whatever stdout was when the logger was made."""
+    from core.logs import logger
+
+    handler = logger.registered_handler
+    assert isinstance(handler, logging.StreamHandler)
+    buffer = io.StringIO()
+    previous = handler.setStream(buffer)
+    yield buffer
+    handler.setStream(previous)
+
+
+def test_voice_answers_twiml_with_the_stream_and_records_the_call(
+    webhook: ModuleType, capfd: pytest.CaptureFixture[str], log_output: io.StringIO
+) -> None:
+    response = webhook.handler(event("/voice", VOICE_FORM), CONTEXT)
+    assert response["statusCode"] == 200
+    assert response["headers"]["content-type"].startswith("text/xml")
+    assert response["isBase64Encoded"] is False
+    root = ET.fromstring(response["body"])
+    stream = root.find("./Connect/Stream")
+    assert stream is not None
+    assert stream.get("url") == MEDIA_URL
+    assert stream.get("statusCallback") == f"https://{HOST}/stream-status"
+    parameters = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
+    assert parameters == {"CallSid": CALL_SID, "From": "+15551234567", "To": "+15557654321"}
+    item = stored()
+    assert item is not None and item["from_number"] == "+15551234567" and item["status"] == "ringing"
+    output = capfd.readouterr().out
+    assert emf_metrics(output)["CallsStarted"] == 1
+    logs = [json.loads(line) for line in log_output.getvalue().splitlines()]
+    assert logs and all(record["CallSid"] == CALL_SID for record in logs)
+    assert TOKEN not in output + log_output.getvalue()
+
+
+def test_the_twiml_is_what_twilios_own_builder_makes(webhook: ModuleType) -> None:
+    body = webhook.handler(event("/voice", VOICE_FORM), CONTEXT)["body"]
+    expected = VoiceResponse()
+    connect = Connect()
+    stream = connect.stream(
+        url=MEDIA_URL, status_callback=f"https://{HOST}/stream-status", status_callback_method="POST"
+    )
+    for name, value in (("CallSid", CALL_SID), ("From", "+15551234567"), ("To", "+15557654321")):
+        stream.parameter(name=name, value=value)
+    expected.append(connect)
+    expected.append(Hangup())
+
+    def canonical(element: ET.Element) -> Any:
+        return (element.tag, sorted(element.attrib.items()), [canonical(child) for child in element])
+
+    assert canonical(ET.fromstring(body)) == canonical(ET.fromstring(str(expected)))
+
+
+@pytest.mark.parametrize(
+    ("signature", "signed_url"),
+    [
+        ("AAAAAAAAAAAAAAAAAAAAAAAAAAA=", None),  # forged
+        ("sign", "https://elsewhere.example.com/voice"),  # signed for another URL
+        (None, None),  # no header at all
+    ],
+    ids=["forged", "another-url", "missing"],
+)
+def test_a_bad_signature_is_refused_and_nothing_is_written(
+    webhook: ModuleType, capfd: pytest.CaptureFixture[str], signature: str | None, signed_url: str | None
+) -> None:
+    for path in ("/voice", "/status", "/stream-status"):
+        form = {**VOICE_FORM, "SequenceNumber": "1", "StreamEvent": "stream-started"}
+        response = webhook.handler(event(path, form, signature=signature, signed_url=signed_url), CONTEXT)
+        assert response["statusCode"] == 403
+    assert stored() is None
+    assert emf_metrics(capfd.readouterr().out)["SignatureRejected"] == 3
+
+
+def test_a_malformed_body_gets_400_with_the_reason(webhook: ModuleType) -> None:
+    form = {k: v for k, v in VOICE_FORM.items() if k != "CallSid"}
+    response = webhook.handler(event("/voice", form), CONTEXT)
+    assert response["statusCode"] == 400
+    assert "CallSid" in response["body"]
+    bad_sequence = {"CallSid": CALL_SID, "CallStatus": "ringing", "SequenceNumber": "first"}
+    response = webhook.handler(event("/status", bad_sequence), CONTEXT)
+    assert response["statusCode"] == 400 and "SequenceNumber" in response["body"]
+
+
+def test_a_dynamodb_failure_does_not_drop_the_caller(
+    webhook: ModuleType, capfd: pytest.CaptureFixture[str], log_output: io.StringIO
+) -> None:
+    boto3.client("dynamodb").delete_table(TableName="calls")
+    response = webhook.handler(event("/voice", VOICE_FORM), CONTEXT)
+    assert response["statusCode"] == 200
+    assert ET.fromstring(response["body"]).find("./Connect/Stream") is not None
+    assert emf_metrics(capfd.readouterr().out)["BookkeepingFailures"] == 1
+    assert "could not record the call" in log_output.getvalue()
+
+
+def test_status_callbacks_in_any_order_through_the_handler(webhook: ModuleType) -> None:
+    webhook.handler(event("/voice", VOICE_FORM), CONTEXT)
+    for sequence, value in ((3, "completed"), (1, "ringing"), (2, "in-progress"), (3, "completed")):
+        form = {
+            "CallSid": CALL_SID,
+            "CallStatus": value,
+            "SequenceNumber": str(sequence),
+            "CallDuration": "61" if value == "completed" else "",
+        }
+        assert webhook.handler(event("/status", form), CONTEXT)["statusCode"] == 204
+    item = stored()
+    assert item is not None and item["status"] == "completed" and item["call_duration"] == 61
+
+
+def test_stream_status_is_recorded(webhook: ModuleType) -> None:
+    form = {
+        "CallSid": CALL_SID,
+        "StreamSid": "MZ" + "2" * 32,
+        "StreamEvent": "stream-error",
+        "StreamError": "handshake failed",
+        "Timestamp": "2026-11-24T00:00:00Z",
+        "AccountSid": "AC1",
+    }
+    assert webhook.handler(event("/stream-status", form), CONTEXT)["statusCode"] == 204
+    item = stored()
+    assert item is not None and item["stream_log"] == [
+        f"2026-11-24T00:00:00Z|stream-error|{'MZ' + '2' * 32}|handshake failed"
+    ]
+
+
+def test_health(webhook: ModuleType) -> None:
+    health = event("/healthz", {})
+    health["requestContext"]["http"]["method"] = "GET"
+    health["routeKey"] = "GET /healthz"
+    response = webhook.handler(health, CONTEXT)
+    assert response["statusCode"] == 200 and json.loads(response["body"]) == {"status": "ok"}
+
+
+def test_a_configured_public_base_url_is_what_is_checked(monkeypatch: pytest.MonkeyPatch, webhook: ModuleType) -> None:
+    monkeypatch.setenv("PUBLIC_BASE_URL", "https://voice.example.com")
+    module = importlib.reload(webhook)
+    ok = module.handler(event("/voice", VOICE_FORM, signed_url="https://voice.example.com/voice"), CONTEXT)
+    assert ok["statusCode"] == 200
+    assert 'statusCallback="https://voice.example.com/stream-status"' in ok["body"]
+    assert module.handler(event("/voice", VOICE_FORM), CONTEXT)["statusCode"] == 403
+
+
+def test_a_missing_setting_fails_at_import_naming_it(monkeypatch: pytest.MonkeyPatch, webhook: ModuleType) -> None:
+    from core.config import ConfigError
+
+    monkeypatch.delenv("MEDIA_STREAM_URL")
+    with pytest.raises(ConfigError, match=r"^MEDIA_STREAM_URL: is not set"):
+        importlib.reload(webhook)
