@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NODE_STAMP := infra/dynalite/node_modules/.installed
 
 .PHONY: install demo test lint unit bench clean
 
@@ -14,7 +15,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# dynalite: an independent DynamoDB implementation the store tests cross-check against (npm).
+$(NODE_STAMP): infra/dynalite/package.json infra/dynalite/package-lock.json
+	cd infra/dynalite && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
+install: $(STAMP) $(NODE_STAMP)
 
 demo: install
 	$(BIN)/parley demo

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "check":
+            return _check()
         if args.command == "bench" and args.frames:
             from infra.bench import report_frame_cost
 
@@ -43,6 +45,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"parley {args.command}: configuration error: {error}", file=sys.stderr)
         return 2
+
+
+def _check() -> int:
+    import asyncio
+
+    from core.check import run_checks
+    from core.config import ProviderSettings, secret_values
+    from core.logs import redact_secrets
+
+    settings = ProviderSettings.from_env()
+    redact_secrets(secret_values(settings))
+    results = asyncio.run(run_checks(settings))
+    for result in results:
+        print(result.line())
+    return 0 if all(result.ok for result in results) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,308 @@
+"""Deepgram live speech-to-text over one WebSocket per call, surviving drops without losing words.
+
+Twilio's µ-law 8 kHz frames go to Deepgram as they are (binary frames, no transcoding). Results come
+back as `core.events.Transcript` on the call's audio clock: Deepgram counts seconds of audio received
+on *this* socket, so each socket remembers the audio-clock time of its first frame (`_origin_ms`).
+
+When the socket drops mid-call the client reconnects with backoff and replays the caller audio that
+no final result has covered yet, re-basing the new socket's clock on the first replayed frame; words
+that end at or before what was already finalized are dropped, so words are neither lost nor said
+twice. KeepAlive goes out whenever no audio has for a few seconds (Deepgram closes a socket after
+10 s without data); `Finalize` on demand; `CloseStream` at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlencode
+
+import msgspec
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from core.audio import SAMPLE_RATE, ulaw_silence
+from core.events import Transcript, UtteranceEnd, Word
+from core.logs import logger
+
+# -- Deepgram's messages (only the fields we read; msgspec ignores the rest) ----------------------
+
+
+class _Word(msgspec.Struct):
+    word: str
+    start: float
+    end: float
+    punctuated_word: str | None = None
+
+
+class _Alternative(msgspec.Struct):
+    transcript: str = ""
+    words: list[_Word] = msgspec.field(default_factory=list)
+
+
+class _Channel(msgspec.Struct):
+    alternatives: list[_Alternative] = msgspec.field(default_factory=list)
+
+
+class _Message(msgspec.Struct):
+    type: str
+    is_final: bool = False
+    speech_final: bool = False
+    from_finalize: bool = False
+    start: float = 0.0
+    duration: float = 0.0
+    channel: _Channel | list[int] | None = None
+    last_word_end: float | None = None
+    description: str | None = None
+    variant: str | None = None
+
+
+_decode = msgspec.json.Decoder(_Message).decode
+_KEEP_ALIVE = '{"type": "KeepAlive"}'
+_FINALIZE = '{"type": "Finalize"}'
+_CLOSE_STREAM = '{"type": "CloseStream"}'
+# Replayed audio is bounded: beyond this much unconfirmed audio, the oldest is given up.
+_MAX_REPLAY_MS = 60_000
+
+
+class DeepgramError(Exception):
+    """Deepgram refused us for good (a bad key, a bad request): reconnecting will not help."""
+
+
+def listen_url(base_url: str, *, model: str, utterance_end_ms: int, endpointing_ms: int, tag: str | None = None) -> str:
+    """The live-listen URL with our query; booleans lower-case, as Deepgram requires."""
+    query: dict[str, Any] = {
+        "model": model,
+        "encoding": "mulaw",
+        "sample_rate": SAMPLE_RATE,
+        "channels": 1,
+        "interim_results": "true",
+        "utterance_end_ms": max(1000, utterance_end_ms),  # Deepgram advises >= 1000
+        "vad_events": "true",
+        "endpointing": endpointing_ms,
+        "smart_format": "true",
+        "punctuate": "true",
+    }
+    if tag:
+        query["tag"] = tag
+    return f"{base_url}?{urlencode(query)}"
+
+
+class DeepgramStream:
+    """One call's transcription. Call `send_audio` per frame; results arrive through `on_event`."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        on_event: Callable[[Transcript | UtteranceEnd], None],
+        now_ms: Callable[[], int],
+        *,
+        keepalive_s: float = 4.0,
+        max_backoff_s: float = 2.0,
+        open_timeout_s: float = 5.0,
+    ) -> None:
+        self._url = url
+        self._api_key = api_key
+        self._on_event = on_event
+        self._now_ms = now_ms
+        self._keepalive_s = keepalive_s
+        self._max_backoff_s = max_backoff_s
+        self._open_timeout_s = open_timeout_s
+        self._socket: ClientConnection | None = None
+        self._outbox: asyncio.Queue[bytes | str | None] = asyncio.Queue()
+        self._unconfirmed: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._confirmed_ms = 0  # audio-clock time up to which finals have covered the audio
+        self._origin_ms: int | None = None  # audio-clock time of this socket's first frame
+        self._next_at_ms: int | None = None
+        self._last_send = 0.0
+        self._closing = False
+        self.reconnects = 0
+        self.connected = asyncio.Event()
+        self.failed: DeepgramError | None = None
+
+    # -- the caller side (synchronous, called from the media loop) -------------------------------
+
+    def send_audio(self, ulaw: bytes, at_ms: int) -> None:
+        if self._next_at_ms is not None and at_ms > self._next_at_ms:
+            # Fill a gap in Twilio's frames so Deepgram's clock keeps matching ours.
+            gap = min(at_ms - self._next_at_ms, 5_000)
+            self._queue_audio(ulaw_silence(gap), at_ms - gap)
+        self._queue_audio(ulaw, at_ms)
+
+    def _queue_audio(self, ulaw: bytes, at_ms: int) -> None:
+        if not ulaw:
+            return  # an empty binary frame would close the stream
+        self._unconfirmed.append((at_ms, ulaw))
+        while self._unconfirmed and at_ms - self._unconfirmed[0][0] > _MAX_REPLAY_MS:
+            self._unconfirmed.popleft()
+        self._next_at_ms = at_ms + len(ulaw) * 1000 // SAMPLE_RATE
+        self._outbox.put_nowait(ulaw)
+
+    def finalize(self) -> None:
+        self._outbox.put_nowait(_FINALIZE)
+
+    async def close(self) -> None:
+        """CloseStream, so Deepgram flushes its last results; the reader ends on its close."""
+        self._closing = True
+        self._outbox.put_nowait(_CLOSE_STREAM)
+        self._outbox.put_nowait(None)
+
+    # -- the socket side ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, then pump both directions until closed; reconnect whenever the socket drops."""
+        backoff = 0.1
+        while not self._closing:
+            try:
+                async with websockets.connect(
+                    self._url,
+                    additional_headers={"Authorization": f"Token {self._api_key}"},
+                    open_timeout=self._open_timeout_s,
+                    max_size=2**22,
+                    ping_interval=None,
+                ) as socket:
+                    self._socket = socket
+                    self._begin_socket()
+                    self.connected.set()
+                    backoff = 0.1
+                    await self._pump(socket)
+                    if self._closing:
+                        return
+            except InvalidStatus as error:
+                status = error.response.status_code
+                if status in (400, 401, 403, 404):
+                    self.failed = DeepgramError(f"Deepgram refused the connection with HTTP {status}")
+                    logger.error(
+                        "Deepgram refused the connection; check DEEPGRAM_API_KEY/DEEPGRAM_URL", extra={"status": status}
+                    )
+                    self.connected.set()
+                    return
+                logger.warning("Deepgram handshake failed; retrying", extra={"status": status})
+            except (OSError, ConnectionClosed, TimeoutError) as error:
+                if self._closing:
+                    return
+                logger.warning("Deepgram socket dropped; reconnecting", extra={"error": repr(error)})
+            finally:
+                self._socket = None
+            self.connected.clear()
+            self.reconnects += 1
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff_s)
+
+    def _begin_socket(self) -> None:
+        """A fresh socket: its clock starts at the first unconfirmed frame, which is replayed."""
+        replay = list(self._unconfirmed)
+        self._origin_ms = replay[0][0] if replay else self._next_at_ms
+        fresh: asyncio.Queue[bytes | str | None] = asyncio.Queue()
+        for _, ulaw in replay:
+            fresh.put_nowait(ulaw)
+        while not self._outbox.empty():  # keep control messages; their audio is in the replay
+            item = self._outbox.get_nowait()
+            if not isinstance(item, bytes):
+                fresh.put_nowait(item)
+        self._outbox = fresh
+
+    async def _pump(self, socket: ClientConnection) -> None:
+        reader = asyncio.create_task(self._read(socket))
+        writer = asyncio.create_task(self._write(socket))
+        try:
+            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if writer in done and writer.exception() is None and self._closing:
+                await reader  # after CloseStream: read the last results until Deepgram closes
+            for task in done:
+                task.result()
+        finally:
+            for task in (reader, writer):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                    await task
+
+    async def _write(self, socket: ClientConnection) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                item = await asyncio.wait_for(self._outbox.get(), timeout=self._keepalive_s)
+            except TimeoutError:
+                await socket.send(_KEEP_ALIVE)
+                continue
+            if item is None:
+                return
+            await socket.send(item)
+            self._last_send = loop.time()
+
+    async def _read(self, socket: ClientConnection) -> None:
+        async for raw in socket:
+            try:
+                message = _decode(raw)
+            except msgspec.DecodeError:
+                logger.warning("ignored a malformed Deepgram message", extra={"length": len(raw)})
+                continue
+            self._handle(message)
+
+    def _to_clock(self, seconds: float) -> int:
+        return (self._origin_ms or 0) + round(seconds * 1000)
+
+    def _handle(self, message: _Message) -> None:
+        if message.type == "Results":
+            channel = message.channel if isinstance(message.channel, _Channel) else _Channel()
+            alternative = channel.alternatives[0] if channel.alternatives else _Alternative()
+            words = [
+                Word(w.punctuated_word or w.word, self._to_clock(w.start), self._to_clock(w.end))
+                for w in alternative.words
+            ]
+            start_ms = self._to_clock(message.start)
+            end_ms = self._to_clock(message.start + message.duration)
+            text = alternative.transcript
+            if message.is_final:
+                # Words already finalized before a reconnect are not said twice.
+                kept = [w for w in words if w.end_ms > self._confirmed_ms]
+                if len(kept) != len(words):
+                    words, text = kept, " ".join(w.text for w in kept)
+                self._confirm(end_ms)
+            self._on_event(
+                Transcript(
+                    self._now_ms(),
+                    text,
+                    message.is_final,
+                    speech_final=message.speech_final,
+                    from_finalize=message.from_finalize,
+                    start_ms=start_ms,
+                    end_ms=end_ms,
+                    words=words,
+                )
+            )
+        elif message.type == "UtteranceEnd":
+            last = message.last_word_end
+            self._on_event(UtteranceEnd(self._now_ms(), self._to_clock(last) if last is not None else None))
+        elif message.type == "Error":
+            logger.warning(
+                "Deepgram reported an error", extra={"description": message.description, "variant": message.variant}
+            )
+
+    def _confirm(self, end_ms: int) -> None:
+        self._confirmed_ms = max(self._confirmed_ms, end_ms)
+        while self._unconfirmed:
+            at_ms, ulaw = self._unconfirmed[0]
+            if at_ms + len(ulaw) * 1000 // SAMPLE_RATE > self._confirmed_ms:
+                break
+            self._unconfirmed.popleft()
+
+
+async def check(url: str, api_key: str) -> None:
+    """The smallest real exchange: a second of silence, then a clean close with Metadata."""
+    async with websockets.connect(
+        url, additional_headers={"Authorization": f"Token {api_key}"}, open_timeout=5, ping_interval=None
+    ) as socket:
+        for _ in range(50):
+            await socket.send(ulaw_silence(20))
+        await socket.send(_CLOSE_STREAM)
+        async for raw in socket:
+            if _decode(raw).type == "Metadata":
+                break
+        else:
+            raise DeepgramError(f"the stream closed without Metadata (close code {socket.close_code})")

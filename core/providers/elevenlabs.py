@@ -1,0 +1,350 @@
+"""ElevenLabs text-to-speech over one multi-context WebSocket per call.
+
+Each reply is a context with a fresh `context_id` (the reply's id). Text is sent as the model
+writes it, cut at phrase boundaries (ElevenLabs wants text ending in a space, and whole phrases
+sound better), then `flush` + `close_context` at the end of the reply, which makes ElevenLabs send
+the context's last audio and `isFinal`. On barge-in the context is closed and any audio of it that
+is still on the wire is dropped. The socket is opened when the call starts, before it is needed,
+and kept alive while idle. If it drops, the client reconnects and re-sends each unfinished reply's
+text that has not been voiced yet (known from the alignment of the audio received).
+
+Audio arrives in `ELEVENLABS_OUTPUT_FORMAT`; `ulaw_8000` goes to Twilio untouched, `pcm_16000`
+and `pcm_24000` are decimated and encoded by the audio core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import msgspec
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from core.audio import TtsAudioConverter
+from core.events import AlignedChar, TtsAudio, TtsDone, TtsFailed
+from core.logs import logger
+
+VOICE_SETTINGS = {"stability": 0.5, "similarity_boost": 0.75, "style": 0.0, "use_speaker_boost": True, "speed": 1.0}
+# Send text at the end of a phrase; a long run without punctuation goes at a word boundary.
+_PHRASE_END = re.compile(r"[.!?;:,]\s|\n")
+_MAX_BUFFERED = 120
+
+
+class _Alignment(msgspec.Struct):
+    chars: list[str] = msgspec.field(default_factory=list)
+    charStartTimesMs: list[float] = msgspec.field(default_factory=list)
+    charDurationsMs: list[float] | None = None
+    charsDurationsMs: list[float] | None = None
+
+
+class _Message(msgspec.Struct):
+    audio: str | None = None
+    isFinal: bool | None = None
+    is_final: bool | None = None
+    contextId: str | None = None
+    alignment: _Alignment | None = None
+    normalizedAlignment: _Alignment | None = None
+    error: str | None = None
+    message: str | None = None
+
+
+_decode = msgspec.json.Decoder(_Message).decode
+_encode = msgspec.json.Encoder().encode
+
+
+class ElevenLabsError(Exception):
+    """ElevenLabs refused us for good (bad key, unknown voice): reconnecting will not help."""
+
+
+def stream_url(base_url: str, voice_id: str, *, model_id: str, output_format: str, inactivity_timeout: int) -> str:
+    query = {
+        "model_id": model_id,
+        "output_format": output_format,
+        "inactivity_timeout": inactivity_timeout,
+        "sync_alignment": "true",
+        "auto_mode": "true",  # we send whole phrases: no chunk schedule, lowest latency
+    }
+    return f"{base_url}/v1/text-to-speech/{quote(voice_id)}/multi-stream-input?{urlencode(query)}"
+
+
+@dataclasses.dataclass
+class _Context:
+    id: str
+    converter: TtsAudioConverter
+    pending: str = ""  # written by the model, not yet sent
+    sent: str = ""  # sent to ElevenLabs on any socket
+    voiced_chars: int = 0  # characters of `sent` that audio has arrived for
+    initialised: bool = False
+    finished: bool = False  # flush + close_context sent
+    done: bool = False
+
+
+class ElevenLabsStream:
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        output_format: str,
+        on_event: Callable[[TtsAudio | TtsDone | TtsFailed], None],
+        now_ms: Callable[[], int],
+        *,
+        keepalive_s: float = 10.0,
+        max_backoff_s: float = 2.0,
+        open_timeout_s: float = 5.0,
+    ) -> None:
+        self._url = url
+        self._api_key = api_key
+        self._output_format = output_format
+        self._on_event = on_event
+        self._now_ms = now_ms
+        self._keepalive_s = keepalive_s
+        self._max_backoff_s = max_backoff_s
+        self._open_timeout_s = open_timeout_s
+        self._contexts: dict[str, _Context] = {}
+        self._cancelled: set[str] = set()
+        self._outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._closing = False
+        self.reconnects = 0
+        self.connected = asyncio.Event()
+        self.failed: ElevenLabsError | None = None
+
+    # -- what the call runner asks ----------------------------------------------------------------
+
+    def send_text(self, reply_id: str, text: str) -> None:
+        context = self._contexts.get(reply_id)
+        if context is None:
+            context = self._contexts[reply_id] = _Context(reply_id, TtsAudioConverter(self._output_format))
+        phrases, context.pending = split_phrases(context.pending + text)
+        for phrase in phrases:
+            self._send(context, phrase)
+
+    def finish(self, reply_id: str) -> None:
+        """No more text: send what is left, flush, and close the context (its isFinal follows)."""
+        context = self._contexts.get(reply_id)
+        if context is None:
+            self._on_event(TtsDone(self._now_ms(), reply_id))  # nothing was ever said
+            return
+        if context.pending.strip():
+            self._send(context, context.pending)
+        context.pending = ""
+        context.finished = True
+        if not context.initialised:  # empty reply: no context on the server to close
+            self._forget(context)
+            self._on_event(TtsDone(self._now_ms(), reply_id))
+            return
+        self._outbox.put_nowait({"context_id": reply_id, "flush": True})
+        self._outbox.put_nowait({"context_id": reply_id, "close_context": True})
+
+    def cancel(self, reply_id: str) -> None:
+        context = self._contexts.pop(reply_id, None)
+        self._cancelled.add(reply_id)
+        unsent = []
+        while not self._outbox.empty():
+            unsent.append(self._outbox.get_nowait())
+        for item in unsent:  # text of the interrupted reply that has not gone out yet never will
+            if item is None or item.get("context_id") != reply_id:
+                self._outbox.put_nowait(item)
+        if context is not None and context.initialised:
+            self._outbox.put_nowait({"context_id": reply_id, "close_context": True})
+
+    async def close(self) -> None:
+        self._closing = True
+        self._outbox.put_nowait({"close_socket": True})
+        self._outbox.put_nowait(None)
+
+    def _send(self, context: _Context, text: str) -> None:
+        if not text.strip():
+            return
+        text = text if text.endswith(" ") else text + " "
+        message: dict[str, Any] = {"text": text, "context_id": context.id}
+        if not context.initialised:
+            message["voice_settings"] = VOICE_SETTINGS  # only in a context's first message
+            context.initialised = True
+        context.sent += text
+        self._outbox.put_nowait(message)
+
+    def _forget(self, context: _Context) -> None:
+        self._contexts.pop(context.id, None)
+
+    # -- the socket -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        backoff = 0.1
+        while not self._closing:
+            try:
+                async with websockets.connect(
+                    self._url,
+                    additional_headers={"xi-api-key": self._api_key},
+                    open_timeout=self._open_timeout_s,
+                    max_size=16 * 2**20,
+                    ping_interval=None,
+                ) as socket:
+                    self._resend_unfinished()
+                    self.connected.set()
+                    backoff = 0.1
+                    await self._pump(socket)
+                    if self._closing:
+                        return
+            except InvalidStatus as error:
+                status = error.response.status_code
+                if status in (400, 401, 403, 404):
+                    self.failed = ElevenLabsError(f"ElevenLabs refused the connection with HTTP {status}")
+                    logger.error(
+                        "ElevenLabs refused the connection; check ELEVENLABS_API_KEY/VOICE_ID/URL",
+                        extra={"status": status},
+                    )
+                    self._fail_all(f"HTTP {status}")
+                    self.connected.set()
+                    return
+                logger.warning("ElevenLabs handshake failed; retrying", extra={"status": status})
+            except (OSError, ConnectionClosed, TimeoutError) as error:
+                if self._closing:
+                    return
+                logger.warning("ElevenLabs socket dropped; reconnecting", extra={"error": repr(error)})
+            self.connected.clear()
+            self.reconnects += 1
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff_s)
+
+    def _resend_unfinished(self) -> None:
+        """On a new socket, say again what no audio has arrived for yet.
+
+        Queued text was already counted in `sent`, so the queue is rebuilt from the contexts; only
+        socket-level messages (close_socket, the end marker) are carried over.
+        """
+        queued = []
+        while not self._outbox.empty():
+            queued.append(self._outbox.get_nowait())
+        for context in list(self._contexts.values()):
+            if not context.initialised or context.done:
+                continue
+            unvoiced = context.sent[context.voiced_chars :]
+            context.sent = context.sent[: context.voiced_chars]
+            context.initialised = False
+            phrases, rest = split_phrases(unvoiced)
+            for phrase in [*phrases, rest]:
+                self._send(context, phrase)
+            if context.finished and context.initialised:
+                self._outbox.put_nowait({"context_id": context.id, "flush": True})
+                self._outbox.put_nowait({"context_id": context.id, "close_context": True})
+            elif context.finished:  # everything had been voiced; only isFinal was missing
+                self._forget(context)
+                self._on_event(TtsDone(self._now_ms(), context.id))
+        for item in queued:
+            if item is None or "close_socket" in item:
+                self._outbox.put_nowait(item)
+
+    async def _pump(self, socket: ClientConnection) -> None:
+        reader = asyncio.create_task(self._read(socket))
+        writer = asyncio.create_task(self._write(socket))
+        try:
+            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if writer in done and writer.exception() is None and self._closing:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(reader, timeout=2.0)
+            for task in done:
+                task.result()
+        finally:
+            for task in (reader, writer):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                    await task
+
+    async def _write(self, socket: ClientConnection) -> None:
+        while True:
+            try:
+                item = await asyncio.wait_for(self._outbox.get(), timeout=self._keepalive_s)
+            except TimeoutError:
+                await socket.send('{"text": ""}')  # keeps an idle socket open
+                continue
+            if item is None:
+                return
+            await socket.send(_encode(item))
+
+    async def _read(self, socket: ClientConnection) -> None:
+        async for raw in socket:
+            try:
+                message = _decode(raw)
+            except msgspec.DecodeError:
+                logger.warning("ignored a malformed ElevenLabs message", extra={"length": len(raw)})
+                continue
+            self._handle(message)
+
+    def _handle(self, message: _Message) -> None:
+        if message.error:
+            logger.warning("ElevenLabs reported an error", extra={"error": message.error, "detail": message.message})
+            return
+        context_id = message.contextId
+        if context_id is None or context_id in self._cancelled:
+            return  # late audio of an interrupted reply
+        context = self._contexts.get(context_id)
+        if context is None:
+            return
+        if message.audio:
+            audio = context.converter.convert(base64.b64decode(message.audio))
+            alignment = _aligned(message.alignment)
+            if alignment is not None:
+                context.voiced_chars += len(alignment)
+            if audio:
+                self._on_event(TtsAudio(self._now_ms(), context_id, audio, alignment))
+        if message.isFinal or message.is_final:
+            context.done = True
+            self._forget(context)
+            self._on_event(TtsDone(self._now_ms(), context_id))
+
+    def _fail_all(self, reason: str) -> None:
+        for context in list(self._contexts.values()):
+            self._forget(context)
+            self._on_event(TtsFailed(self._now_ms(), context.id, reason))
+
+
+def split_phrases(text: str) -> tuple[list[str], str]:
+    """Whole phrases ready to voice, and the unfinished rest."""
+    phrases: list[str] = []
+    while True:
+        match = _PHRASE_END.search(text)
+        if match is None:
+            if len(text) < _MAX_BUFFERED or " " not in text:
+                return phrases, text
+            cut = text.rindex(" ") + 1
+        else:
+            cut = match.end()
+        phrases.append(text[:cut])
+        text = text[cut:]
+
+
+def _aligned(alignment: _Alignment | None) -> list[AlignedChar] | None:
+    if alignment is None or not alignment.chars:
+        return None
+    durations = alignment.charDurationsMs or alignment.charsDurationsMs or [0.0] * len(alignment.chars)
+    return [
+        AlignedChar(char, start, duration)
+        for char, start, duration in zip(alignment.chars, alignment.charStartTimesMs, durations, strict=False)
+    ]
+
+
+async def check(url: str, api_key: str) -> None:
+    """The smallest real exchange: one context, one word, its first audio, then close the socket."""
+    async with websockets.connect(
+        url, additional_headers={"xi-api-key": api_key}, open_timeout=5, ping_interval=None
+    ) as socket:
+        await socket.send(
+            _encode({"text": "Hello ", "context_id": "check", "voice_settings": VOICE_SETTINGS, "flush": True})
+        )
+        async for raw in socket:
+            message = _decode(raw)
+            if message.error:
+                raise ElevenLabsError(f"{message.error}: {message.message}")
+            if message.audio:
+                break
+        else:
+            raise ElevenLabsError(f"the socket closed before any audio (close code {socket.close_code})")
+        await socket.send(_encode({"close_socket": True}))

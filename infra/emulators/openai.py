@@ -1,0 +1,227 @@
+"""An OpenAI chat-completions emulator: `POST /v1/chat/completions`, streamed as server-sent events.
+
+It checks `Authorization: Bearer <key>` (401 with OpenAI's error body otherwise), answers the n-th
+caller turn (the number of user messages) with the scenario's n-th answer, a few characters a
+chunk after `llm_first_text_ms`, then the usage chunk when `stream_options.include_usage` asks for
+it, then `data: [DONE]`. Faults: the first requests answered 500/429 with OpenAI's error body, or
+an error event mid-stream. A client that disconnects mid-stream (a barge-in) is noticed and the
+generation stops. A non-streamed request gets one `chat.completion` object (`parley check`).
+A bare ASGI app rather than a framework: it needs exact control over status, headers and when
+each byte goes out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import socket
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import uvicorn
+
+from infra.emulators.scenario import Scenario
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its signal handlers: the emulator lives inside another program's loop."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
+        return contextlib.nullcontext()
+
+
+def _error(message: str, kind: str, code: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+
+
+class OpenAiEmulator:
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        self.requests: list[dict[str, Any]] = []
+        self.disconnects = 0
+        self.disconnected = asyncio.Event()  # set when a client left mid-stream
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(128)  # connections wait in the backlog until uvicorn accepts them
+        config = uvicorn.Config(self, log_level="warning", lifespan="off", access_log=False)
+        self._server = _EmbeddedServer(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[listener]))
+        return f"http://{host}:{listener.getsockname()[1]}/v1"
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            self._server.force_exit = True  # do not wait for idle keep-alive connections
+            await self._task
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        if scope["method"] != "POST" or scope["path"] != "/v1/chat/completions":
+            await self._reply(send, 404, _error(f"Unknown path {scope['path']}", "invalid_request_error"))
+            return
+        if headers.get("authorization") != f"Bearer {self.scenario.openai_key}":
+            await self._reply(
+                send, 401, _error("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+            )
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            request = json.loads(body)
+            messages = request["messages"]
+        except (ValueError, KeyError, TypeError):
+            await self._reply(
+                send, 400, _error("We could not parse the JSON body of your request.", "invalid_request_error")
+            )
+            return
+        self.requests.append(request)
+        faults = self.scenario.faults
+        if len(self.requests) <= faults.openai_fail_first:
+            kind = "rate_limit_exceeded" if faults.openai_fail_status == 429 else "server_error"
+            await self._reply(send, faults.openai_fail_status, _error("The emulator was told to fail.", kind))
+            return
+        turn = sum(1 for m in messages if m.get("role") == "user") - 1
+        answer = self.scenario.answer(max(0, turn))
+        model = request.get("model", "gpt-4o-mini")
+        if not request.get("stream"):
+            words = answer.split()[: max(1, int(request.get("max_tokens") or 1_000_000))]
+            await self._reply(send, 200, json.dumps(self._completion(model, " ".join(words))).encode())
+            return
+        await self._stream(
+            send, receive, model, answer, bool((request.get("stream_options") or {}).get("include_usage"))
+        )
+
+    async def _reply(self, send: Send, status: int, body: bytes) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
+    def _completion(model: str, text: str) -> dict[str, Any]:
+        return {
+            "id": "chatcmpl-emulated",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": 10,
+                "completion_tokens": len(text.split()),
+                "total_tokens": 10 + len(text.split()),
+            },
+        }
+
+    async def _stream(self, send: Send, receive: Receive, model: str, answer: str, include_usage: bool) -> None:
+        disconnected = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected.set()
+
+        watcher = asyncio.create_task(watch())
+        created = int(time.time())
+
+        def chunk(
+            delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None, choices: bool = True
+        ) -> bytes:
+            payload = {
+                "id": "chatcmpl-emulated",
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else [],
+                "usage": usage,
+            }
+            return f"data: {json.dumps(payload)}\n\n".encode()
+
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+                }
+            )
+            await send(
+                {"type": "http.response.body", "body": chunk({"role": "assistant", "content": ""}), "more_body": True}
+            )
+            latency = self.scenario.latency
+            try:
+                await asyncio.wait_for(disconnected.wait(), timeout=latency.llm_first_text_ms / 1000)
+                self._count_disconnect()
+                return
+            except TimeoutError:
+                pass
+            pieces = re.findall(r"\S+\s*", answer)
+            for index, piece in enumerate(pieces):
+                if disconnected.is_set():
+                    self._count_disconnect()
+                    return
+                if self.scenario.faults.openai_midstream_error and index == len(pieces) // 2:
+                    error = {
+                        "error": {
+                            "message": "The server had an error while processing your request.",
+                            "type": "server_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    }
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": f"data: {json.dumps(error)}\n\n".encode(),
+                            "more_body": False,
+                        }
+                    )
+                    return
+                await send({"type": "http.response.body", "body": chunk({"content": piece}), "more_body": True})
+                if latency.llm_token_interval_ms:
+                    await asyncio.sleep(latency.llm_token_interval_ms / 1000)
+            await send({"type": "http.response.body", "body": chunk({}, finish="stop"), "more_body": True})
+            if include_usage:
+                usage = {"prompt_tokens": 25, "completion_tokens": len(pieces), "total_tokens": 25 + len(pieces)}
+                await send(
+                    {"type": "http.response.body", "body": chunk({}, usage=usage, choices=False), "more_body": True}
+                )
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        except OSError:
+            self._count_disconnect()  # the client went away mid-write
+        finally:
+            watcher.cancel()
+
+    def _count_disconnect(self) -> None:
+        self.disconnects += 1
+        self.disconnected.set()

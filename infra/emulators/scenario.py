@@ -1,0 +1,85 @@
+"""What the emulators are scripted with: what the caller says, what the model answers, how fast and
+how badly the providers behave.
+
+The Deepgram emulator hears speech in the audio it receives and gives the n-th utterance it hears
+the n-th caller text, placing the words in time over that utterance's known duration; the OpenAI
+emulator answers the n-th caller turn with the n-th answer; the ElevenLabs emulator speaks any text
+at `ms_per_char`. Latencies are those DESIGN.md section 5 measures against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from infra.wav import read_ulaw
+
+VOICES = Path(__file__).parents[1] / "voices"
+
+
+@dataclasses.dataclass(frozen=True)
+class Utterance:
+    text: str
+    duration_ms: int
+    voice: str | None = None  # the WAV file in infra/voices the simulated caller plays
+
+    @classmethod
+    def recorded(cls, name: str, text: str) -> Utterance:
+        return cls(text, len(read_ulaw(VOICES / f"{name}.wav")) // 8, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Latency:
+    stt_final_ms: int = 150  # after the end of speech
+    llm_first_text_ms: int = 300
+    llm_token_interval_ms: int = 10
+    tts_first_audio_ms: int = 150
+
+
+@dataclasses.dataclass(frozen=True)
+class Faults:
+    deepgram_drop_after_ms: int | None = None  # first socket of a call closes after this much audio
+    deepgram_answers_idle_finalize: bool = True  # whether Finalize with nothing pending gets a reply
+    deepgram_idle_timeout_s: float = 10.0
+    elevenlabs_drop_after_chars: int | None = None  # first socket closes after voicing this much text
+    openai_fail_first: int = 0  # requests answered with `openai_fail_status` before any succeeds
+    openai_fail_status: int = 500
+    openai_midstream_error: bool = False
+    garbage: bool = False  # providers also send a malformed message now and then
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    caller: tuple[Utterance, ...]
+    answers: tuple[str, ...]
+    latency: Latency = Latency()
+    faults: Faults = Faults()
+    ms_per_char: float = 55.0
+    deepgram_key: str = "dg-test-key"
+    openai_key: str = "sk-test-key"
+    elevenlabs_key: str = "el-test-key"
+
+    def caller_text(self, index: int) -> Utterance | None:
+        return self.caller[index] if index < len(self.caller) else None
+
+    def answer(self, turn: int) -> str:
+        return self.answers[min(turn, len(self.answers) - 1)] if self.answers else ""
+
+
+def demo_scenario(**changes: object) -> Scenario:
+    """The call `make demo` runs: a turn with a short pause inside, a reply, a barge-in, goodbye."""
+    scenario = Scenario(
+        caller=(
+            Utterance.recorded("book_table", "Hi, I would like to book a table for two."),
+            Utterance.recorded("tomorrow", "Tomorrow at seven, please."),
+            Utterance.recorded("actually", "Actually, wait, make it four people."),
+            Utterance.recorded("goodbye", "Thank you, goodbye."),
+        ),
+        answers=(
+            "Of course! A table for two, tomorrow at seven. Could I have a name for the booking, please? "
+            "We also have a lovely terrace if the weather is nice.",
+            "No problem, four people it is. Anything else I can do for you?",
+            "You're welcome. Goodbye!",
+        ),
+    )
+    return dataclasses.replace(scenario, **changes)  # type: ignore[arg-type]

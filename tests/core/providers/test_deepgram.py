@@ -1,0 +1,136 @@
+"""Our Deepgram client against the Deepgram emulator, through real sockets, faults included."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from core.events import Transcript, UtteranceEnd
+from core.providers.deepgram import DeepgramStream, listen_url
+from infra.emulators.deepgram import DeepgramEmulator
+from infra.emulators.scenario import Faults, demo_scenario
+from infra.wav import read_ulaw
+
+VOICES = Path(__file__).parents[3] / "infra" / "voices"
+EXPECTED = "Hi, I would like to book a table for two. Tomorrow at seven, please."
+
+
+class Listener:
+    """Collects results and says when the last expected word has been finalized."""
+
+    def __init__(self, last_word: str) -> None:
+        self.events: list[Transcript | UtteranceEnd] = []
+        self.last_word = last_word
+        self.complete = asyncio.Event()
+
+    def __call__(self, event: Transcript | UtteranceEnd) -> None:
+        self.events.append(event)
+        if isinstance(event, Transcript) and event.is_final and event.words and event.words[-1].text == self.last_word:
+            self.complete.set()
+
+    def final_words(self) -> list[str]:
+        return [w.text for e in self.events if isinstance(e, Transcript) and e.is_final for w in e.words]
+
+
+def call_audio() -> bytes:
+    return (
+        b"\xff" * 4000
+        + read_ulaw(VOICES / "book_table.wav")
+        + b"\xff" * 9600
+        + read_ulaw(VOICES / "tomorrow.wav")
+        + b"\xff" * 9600
+    )
+
+
+async def stream_through(
+    faults: Faults, *, keepalive_s: float = 4.0
+) -> AsyncIterator[tuple[DeepgramEmulator, DeepgramStream, Listener]]:
+    emulator = DeepgramEmulator(demo_scenario(faults=faults))
+    url = await emulator.start()
+    listener = Listener("please.")
+    stream = DeepgramStream(
+        listen_url(url, model="nova-3", utterance_end_ms=2000, endpointing_ms=300, tag="CA-test"),
+        "dg-test-key",
+        listener,
+        lambda: 0,
+        keepalive_s=keepalive_s,
+        max_backoff_s=0.05,
+    )
+    runner = asyncio.create_task(stream.run())
+    yield emulator, stream, listener
+    await stream.close()
+    await runner
+    await emulator.stop()
+
+
+@pytest.fixture
+async def healthy() -> AsyncIterator[tuple[DeepgramEmulator, DeepgramStream, Listener]]:
+    async for items in stream_through(Faults()):
+        yield items
+
+
+async def test_words_arrive_on_the_audio_clock(healthy: tuple[DeepgramEmulator, DeepgramStream, Listener]) -> None:
+    emulator, stream, listener = healthy
+    audio = call_audio()
+    for offset in range(0, len(audio), 160):
+        stream.send_audio(audio[offset : offset + 160], offset // 8)
+    await listener.complete.wait()
+    assert " ".join(listener.final_words()) == EXPECTED
+    first = next(e for e in listener.events if isinstance(e, Transcript) and e.is_final and e.words)
+    assert 480 <= first.words[0].start_ms <= 560  # the caller began at 500 ms on our clock
+    query = emulator.queries[0]
+    assert query["utterance_end_ms"] == "2000" and query["vad_events"] == "true" and query["tag"] == "CA-test"
+    assert emulator.headers[0]["Authorization"] == "Token dg-test-key"
+
+
+async def test_a_gap_in_twilios_frames_keeps_the_clocks_together(
+    healthy: tuple[DeepgramEmulator, DeepgramStream, Listener],
+) -> None:
+    _, stream, listener = healthy
+    audio = call_audio()
+    for offset in range(0, len(audio), 160):
+        at = offset // 8
+        if 100 <= at < 400:
+            continue  # 300 ms of frames never came
+        stream.send_audio(audio[offset : offset + 160], at)
+    await listener.complete.wait()
+    first = next(e for e in listener.events if isinstance(e, Transcript) and e.is_final and e.words)
+    assert 480 <= first.words[0].start_ms <= 560
+
+
+async def test_a_socket_dropped_mid_utterance_loses_no_word() -> None:
+    async for emulator, stream, listener in stream_through(Faults(deepgram_drop_after_ms=1500)):
+        audio = call_audio()
+        for offset in range(0, len(audio), 160):
+            stream.send_audio(audio[offset : offset + 160], offset // 8)
+        await listener.complete.wait()
+        assert stream.reconnects == 1
+        assert emulator.progress["CA-test"].connections == 2
+        assert " ".join(listener.final_words()) == EXPECTED  # every word, each once
+        times = [w.start_ms for e in listener.events if isinstance(e, Transcript) and e.is_final for w in e.words]
+        assert times == sorted(times) and times[0] >= 480  # re-based onto the call's clock
+
+
+async def test_finalize_and_keepalive_go_out(healthy: tuple[DeepgramEmulator, DeepgramStream, Listener]) -> None:
+    emulator, stream, _ = healthy
+    stream.send_audio(b"\xff" * 160, 0)
+    stream.finalize()
+    assert (await emulator.inbox.get())["type"] == "Finalize"
+
+
+async def test_keepalive_when_no_audio_goes_out() -> None:
+    async for emulator, stream, _ in stream_through(Faults(), keepalive_s=0.05):
+        stream.send_audio(b"\xff" * 160, 0)
+        assert (await emulator.inbox.get())["type"] == "KeepAlive"
+
+
+async def test_a_wrong_key_fails_for_good() -> None:
+    emulator = DeepgramEmulator(demo_scenario())
+    url = await emulator.start()
+    stream = DeepgramStream(url, "wrong-key", lambda e: None, lambda: 0)
+    await stream.run()  # returns: reconnecting cannot fix a refused key
+    assert stream.failed is not None and "401" in str(stream.failed)
+    await emulator.stop()

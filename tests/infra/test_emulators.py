@@ -1,0 +1,306 @@
+"""The emulators speak the vendors' protocols: checked with the vendors' own SDKs and message models.
+
+Our picture of each protocol must come from the vendor, not from ourselves: the deepgram-sdk reads
+the Deepgram emulator, the openai SDK streams from the OpenAI emulator, and every message between
+our ElevenLabs client and the ElevenLabs emulator validates against the elevenlabs package's models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pydantic
+import pytest
+from deepgram import AsyncDeepgramClient, DeepgramClientEnvironment
+from deepgram.listen.v1.types import (
+    ListenV1Metadata,
+    ListenV1Results,
+    ListenV1SpeechStarted,
+    ListenV1UtteranceEnd,
+)
+from elevenlabs.types import (
+    AudioOutputMulti,
+    CloseContext,
+    CloseSocket,
+    FinalOutputMulti,
+    FlushContext,
+    InitialiseContext,
+    RealtimeVoiceSettings,
+    SendTextMulti,
+)
+
+from core.events import TtsAudio, TtsDone
+from core.providers.elevenlabs import ElevenLabsStream, stream_url
+from infra.emulators.deepgram import DeepgramEmulator
+from infra.emulators.elevenlabs import ElevenLabsEmulator
+from infra.emulators.openai import OpenAiEmulator
+from infra.emulators.scenario import Faults, demo_scenario
+from infra.wav import read_ulaw
+
+VOICES = Path(__file__).parents[2] / "infra" / "voices"
+
+
+def frames(ulaw: bytes, size: int = 160) -> list[bytes]:
+    return [ulaw[i : i + size] for i in range(0, len(ulaw), size)]
+
+
+def silence(ms: int) -> bytes:
+    return b"\xff" * (8 * ms)
+
+
+def strictly(model: type[pydantic.BaseModel], message: dict[str, Any]) -> pydantic.BaseModel:
+    """Validate with the vendor's model and refuse keys the model does not declare."""
+    declared = set()
+    for name, field in model.model_fields.items():
+        declared.add(field.alias or name)
+    unknown = set(message) - declared
+    assert not unknown, f"{model.__name__} does not declare {unknown}"
+    return model.model_validate(message)
+
+
+# -- Deepgram ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def deepgram() -> AsyncIterator[tuple[DeepgramEmulator, str]]:
+    emulator = DeepgramEmulator(demo_scenario())
+    url = await emulator.start()
+    yield emulator, url
+    await emulator.stop()
+
+
+async def test_deepgram_sdk_parses_every_message_of_the_emulator(deepgram: tuple[DeepgramEmulator, str]) -> None:
+    emulator, url = deepgram
+    base = url.removesuffix("/v1/listen")
+    client = AsyncDeepgramClient(
+        api_key=emulator.scenario.deepgram_key,
+        environment=DeepgramClientEnvironment(
+            base=base.replace("ws://", "http://"), production=base, agent=base, agent_rest=base
+        ),
+    )
+    audio = read_ulaw(VOICES / "book_table.wav") + silence(1300) + read_ulaw(VOICES / "tomorrow.wav") + silence(1200)
+    received: list[Any] = []
+    async with client.listen.v1.connect(
+        model="nova-3",
+        encoding="mulaw",
+        sample_rate=8000,
+        channels=1,
+        interim_results=True,
+        utterance_end_ms=1000,
+        vad_events=True,
+        endpointing=300,
+        smart_format=True,
+        punctuate=True,
+    ) as connection:
+
+        async def read() -> None:
+            async for message in connection:
+                received.append(message)
+
+        reader = asyncio.create_task(read())
+        for frame in frames(audio):
+            await connection.send_media(frame)
+        await connection.send_keep_alive()
+        await connection.send_finalize()
+        await connection.send_close_stream()
+        await reader
+
+    kinds = {type(message) for message in received}
+    assert {ListenV1Results, ListenV1SpeechStarted, ListenV1UtteranceEnd, ListenV1Metadata} <= kinds
+    for message in received:
+        strictly(type(message), message.model_dump(by_alias=True, exclude_unset=True))
+    finals = [m for m in received if isinstance(m, ListenV1Results) and m.is_final]
+    words = [w.punctuated_word for m in finals for w in m.channel.alternatives[0].words or []]
+    assert " ".join(words) == "Hi, I would like to book a table for two. Tomorrow at seven, please."
+    assert any(m.speech_final for m in finals)
+    assert any(isinstance(m, ListenV1Results) and not m.is_final for m in received)  # interim results
+    assert [m["type"] for m in emulator.received] == ["KeepAlive", "Finalize", "CloseStream"]
+    query = emulator.queries[0]
+    assert query["interim_results"] == "true" and query["encoding"] == "mulaw"
+
+
+async def test_deepgram_refuses_a_wrong_key(deepgram: tuple[DeepgramEmulator, str]) -> None:
+    from deepgram.core.api_error import ApiError
+
+    _, url = deepgram
+    base = url.removesuffix("/v1/listen")
+    client = AsyncDeepgramClient(
+        api_key="wrong", environment=DeepgramClientEnvironment(base=base, production=base, agent=base, agent_rest=base)
+    )
+    with pytest.raises(ApiError) as caught:
+        async with client.listen.v1.connect(model="nova-3"):
+            pass
+    assert caught.value.status_code == 401
+
+
+async def test_deepgram_closes_an_idle_stream_with_net_0001() -> None:
+    import websockets
+
+    emulator = DeepgramEmulator(demo_scenario(faults=Faults(deepgram_idle_timeout_s=0.2)))
+    url = await emulator.start()
+    async with websockets.connect(url, additional_headers={"Authorization": "Token dg-test-key"}) as socket:
+        await socket.send(silence(20))
+        with pytest.raises(websockets.ConnectionClosed):
+            await socket.recv()
+        assert socket.close_code == 1011 and socket.close_reason == "NET-0001"
+    await emulator.stop()
+
+
+# -- OpenAI --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def openai_emulator(request: pytest.FixtureRequest) -> AsyncIterator[tuple[OpenAiEmulator, str]]:
+    faults = getattr(request, "param", Faults())
+    emulator = OpenAiEmulator(demo_scenario(faults=faults))
+    url = await emulator.start()
+    yield emulator, url
+    await emulator.stop()
+
+
+async def test_openai_sdk_streams_with_the_usage_chunk(openai_emulator: tuple[OpenAiEmulator, str]) -> None:
+    emulator, url = openai_emulator
+    client = openai.AsyncOpenAI(api_key="sk-test-key", base_url=url, max_retries=0)
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage, finish = "", None, None
+    async with stream:
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+            elif chunk.usage:
+                usage = chunk.usage
+    assert text == emulator.scenario.answers[0]
+    assert finish == "stop" and usage is not None and usage.total_tokens > 0
+    await client.close()
+
+
+@pytest.mark.parametrize("openai_emulator", [Faults(openai_midstream_error=True)], indirect=True)
+async def test_openai_sdk_raises_on_a_midstream_error(openai_emulator: tuple[OpenAiEmulator, str]) -> None:
+    _, url = openai_emulator
+    client = openai.AsyncOpenAI(api_key="sk-test-key", base_url=url, max_retries=0)
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    with pytest.raises(openai.APIError, match="error while processing"):
+        async for _ in stream:
+            pass
+    await client.close()
+
+
+async def test_openai_emulator_notices_a_client_that_goes_away(openai_emulator: tuple[OpenAiEmulator, str]) -> None:
+    _, url = openai_emulator
+    client = openai.AsyncOpenAI(api_key="sk-test-key", base_url=url, max_retries=0)
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    await stream.close()
+    assert stream.response.is_closed
+    second = await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    assert second.choices[0].message.content  # the emulator is still serving
+    await client.close()
+
+
+@pytest.mark.parametrize("openai_emulator", [Faults(openai_fail_first=1, openai_fail_status=500)], indirect=True)
+async def test_openai_sdk_retries_a_500(openai_emulator: tuple[OpenAiEmulator, str]) -> None:
+    emulator, url = openai_emulator
+    client = openai.AsyncOpenAI(api_key="sk-test-key", base_url=url, max_retries=1)
+    client = client.with_options(timeout=5)
+    reply = await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    assert reply.choices[0].message.content and len(emulator.requests) == 2
+
+
+async def test_openai_refuses_a_wrong_key(openai_emulator: tuple[OpenAiEmulator, str]) -> None:
+    _, url = openai_emulator
+    client = openai.AsyncOpenAI(api_key="wrong", base_url=url, max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+
+
+# -- ElevenLabs ----------------------------------------------------------------------------------
+
+
+def _client_model(message: dict[str, Any]) -> type[pydantic.BaseModel]:
+    if "close_socket" in message:
+        return CloseSocket
+    if "close_context" in message:
+        return CloseContext
+    if "voice_settings" in message:
+        return InitialiseContext
+    if "flush" in message and "text" not in message:
+        return FlushContext
+    return SendTextMulti
+
+
+@pytest.mark.parametrize("output_format", ["ulaw_8000", "pcm_16000", "pcm_24000"])
+async def test_elevenlabs_messages_both_ways_validate_against_the_sdk_models(output_format: str) -> None:
+    emulator = ElevenLabsEmulator(demo_scenario())
+    base = await emulator.start()
+    events: list[Any] = []
+    done = asyncio.Event()
+
+    def on_event(event: Any) -> None:
+        events.append(event)
+        if isinstance(event, TtsDone):
+            done.set()
+
+    url = stream_url(base, "voice1", model_id="eleven_flash_v2_5", output_format=output_format, inactivity_timeout=180)
+    client = ElevenLabsStream(url, "el-test-key", output_format, on_event, lambda: 0)
+    runner = asyncio.create_task(client.run())
+    client.send_text("r1", "Hello there! ")
+    client.send_text("r1", "How can I help you today?")
+    client.finish("r1")
+    await done.wait()
+    await client.close()
+    await runner
+    await emulator.stop()
+
+    for message in emulator.received:
+        validated = strictly(_client_model(message), message)
+        if "voice_settings" in message:
+            strictly(RealtimeVoiceSettings, message["voice_settings"])
+            assert validated.context_id == "r1"  # type: ignore[attr-defined]
+        if "text" in message and message.get("context_id"):
+            assert message["text"].endswith(" ")
+    for message in emulator.sent:
+        if message.get("isFinal"):
+            strictly(FinalOutputMulti, message)
+        else:
+            strictly(AudioOutputMulti, {k: v for k, v in message.items() if k != "isFinal"})
+    audio = b"".join(e.ulaw for e in events if isinstance(e, TtsAudio))
+    spoken = "Hello there! How can I help you today? "
+    assert abs(len(audio) / 8 - len(spoken) * emulator.scenario.ms_per_char) < 25  # µ-law 8 kHz out, any format in
+    aligned = "".join(c.char for e in events if isinstance(e, TtsAudio) for c in e.alignment or [])
+    assert aligned == spoken
+
+
+async def test_elevenlabs_refuses_a_wrong_key_and_times_out_idle_sockets() -> None:
+    import websockets
+
+    emulator = ElevenLabsEmulator(demo_scenario())
+    base = await emulator.start()
+    url = stream_url(base, "v", model_id="m", output_format="ulaw_8000", inactivity_timeout=1)
+    with pytest.raises(websockets.InvalidStatus) as caught:
+        async with websockets.connect(url, additional_headers={"xi-api-key": "wrong"}):
+            pass
+    assert caught.value.response.status_code == 401
+    quick = url.replace("inactivity_timeout=1", "inactivity_timeout=0.2")
+    async with websockets.connect(quick, additional_headers={"xi-api-key": "el-test-key"}) as socket:
+        error = await socket.recv()
+        assert "input_timeout_exceeded" in error
+        with pytest.raises(websockets.ConnectionClosed):
+            await socket.recv()
+        assert socket.close_code == 1008
+    await emulator.stop()
