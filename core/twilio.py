@@ -254,6 +254,20 @@ def validate_signature(
     return body_ok and matches
 
 
+def validate_upgrade(auth_token: str, media_stream_url: str, signature: str | None) -> bool:
+    """The signature of Twilio's WebSocket upgrade to `<Stream url>`.
+
+    What Twilio signs here is UNCONFIRMED in its documentation: the `wss://` URL as written in the
+    TwiML (the reading of its "same mechanism as webhooks" statement), or its `https://` twin. Both
+    are accepted; either is still an HMAC of our own URL under our own token.
+    """
+    if validate_signature(auth_token, media_stream_url, None, signature):
+        return True
+    if media_stream_url.startswith("wss://"):
+        return validate_signature(auth_token, "https://" + media_stream_url[6:], None, signature)
+    return False
+
+
 def public_url(
     path: str,
     query: str = "",

@@ -35,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             return _check()
+        if args.command == "serve":
+            return _serve(args.app, args.host, args.port)
         if args.command == "bench" and args.frames:
             from infra.bench import report_frame_cost
 
@@ -45,6 +47,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"parley {args.command}: configuration error: {error}", file=sys.stderr)
         return 2
+
+
+def _serve(app_name: str, host: str, port: int) -> int:
+    from core.server import serve
+
+    if app_name == "media":
+        from handlers.media import app, drain
+
+        serve(app, host, port, drain)
+    else:
+        from handlers.webhook import app as webhook_app
+
+        serve(webhook_app, host, port)
+    return 0
 
 
 def _check() -> int:

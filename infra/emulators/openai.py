@@ -13,29 +13,19 @@ each byte goes out.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
-import socket
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import uvicorn
-
+from core.server import RunningServer, start_in_loop
 from infra.emulators.scenario import Scenario
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn without its signal handlers: the emulator lives inside another program's loop."""
-
-    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
-        return contextlib.nullcontext()
 
 
 def _error(message: str, kind: str, code: str | None = None) -> bytes:
@@ -48,26 +38,22 @@ class OpenAiEmulator:
         self.requests: list[dict[str, Any]] = []
         self.disconnects = 0
         self.disconnected = asyncio.Event()  # set when a client left mid-stream
-        self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._running: RunningServer | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((host, port))
-        listener.listen(128)  # connections wait in the backlog until uvicorn accepts them
-        config = uvicorn.Config(self, log_level="warning", lifespan="off", access_log=False)
-        self._server = _EmbeddedServer(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[listener]))
-        return f"http://{host}:{listener.getsockname()[1]}/v1"
+        self._running = await start_in_loop(self, host, port)
+        return f"{self._running.url}/v1"
 
     async def stop(self) -> None:
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            self._server.force_exit = True  # do not wait for idle keep-alive connections
-            await self._task
+        if self._running is not None:
+            await self._running.stop()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
         if scope["type"] != "http":
             return
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}

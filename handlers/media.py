@@ -1,0 +1,96 @@
+"""The media service: Twilio Media Streams on `WS /media`, health on `GET /healthz`.
+
+A thin shell: the upgrade's signature is checked against `MEDIA_STREAM_URL` (a bad one is refused
+before the socket is accepted, so Twilio sees 403), then `core.call` runs the call. Settings and
+shared clients are made once at start-up; `parley serve media` runs it with the draining shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import boto3
+from litestar import Litestar, Response, WebSocket, get, websocket
+
+from core import metrics
+from core.call import CallRegistry, CallRunner, CallServices, call_services
+from core.config import ConversationSettings, MediaSettings, ProviderSettings, secret_values
+from core.logs import logger, redact_secrets
+from core.server import Drain
+from core.store import CallStore
+from core.twilio import validate_upgrade
+
+_POLICY_VIOLATION = 1008
+_TRY_AGAIN_LATER = 1013
+
+
+def make_app(settings: MediaSettings, services: CallServices, registry: CallRegistry, drain: Drain) -> Litestar:
+    @websocket("/media")
+    async def media(socket: WebSocket[Any, Any, Any]) -> None:
+        if not validate_upgrade(
+            settings.twilio_auth_token, settings.media_stream_url, socket.headers.get("x-twilio-signature")
+        ):
+            metrics.count("SignatureRejected")
+            logger.warning("refused a media stream whose X-Twilio-Signature does not match MEDIA_STREAM_URL")
+            await socket.close(code=_POLICY_VIOLATION)  # before accept: the upgrade gets 403
+            return
+        if drain.draining:
+            await socket.close(code=_TRY_AGAIN_LATER)
+            return
+        await socket.accept()
+        try:
+            await registry.run(CallRunner(socket, services))
+        finally:
+            with contextlib.suppress(Exception):
+                await socket.close()
+
+    @get("/healthz", sync_to_thread=False)
+    def healthz() -> Response[dict[str, Any]]:
+        body = {"status": "draining" if drain.draining else "ok", "active_calls": len(registry)}
+        return Response(body, status_code=503 if drain.draining else 200)
+
+    @contextlib.asynccontextmanager
+    async def publish_metrics(_: Litestar) -> AsyncIterator[None]:
+        async def loop() -> None:
+            while True:
+                metrics.count("ActiveCalls", len(registry))
+                metrics.flush()
+                await asyncio.sleep(60)
+
+        task = asyncio.create_task(loop())
+        try:
+            yield
+        finally:
+            task.cancel()
+            metrics.flush()
+            await services.chat.close()
+
+    return Litestar(route_handlers=[media, healthz], lifespan=[publish_metrics], openapi_config=None)
+
+
+def from_env() -> tuple[Litestar, Drain]:
+    settings = MediaSettings.from_env()
+    providers = ProviderSettings.from_env()
+    conversation = ConversationSettings.from_env()
+    redact_secrets([*secret_values(settings), *secret_values(providers)])
+    store = CallStore(boto3.client("dynamodb"), settings.calls_table, ttl_days=settings.call_ttl_days)
+    registry = CallRegistry()
+    drain = Drain(settings.drain_seconds, registry.wait_idle, registry.end_all, lambda: len(registry))
+    return make_app(settings, call_services(providers, conversation, store), registry, drain), drain
+
+
+_built: tuple[Litestar, Drain] | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """`app` and `drain` are built from the environment when first asked for (uvicorn, `parley serve`),
+    so importing this module for `make_app` needs no settings."""
+    global _built
+    if name in ("app", "drain"):
+        if _built is None:
+            _built = from_env()
+        return _built[0] if name == "app" else _built[1]
+    raise AttributeError(name)
