@@ -143,6 +143,9 @@ class TurnRules:
     vad: VadConfig = dataclasses.field(default_factory=VadConfig)
     # Deepgram's word times and the detector's onset disagree by a few tens of ms.
     word_slack_ms: int = 120
+    # A stop consonant's closure ("ac-t-ually") is a quiet frame inside speech: one such frame does
+    # not break the barge-in count. A short "mm-hm" followed by silence still never reaches it.
+    barge_in_gap_ms: int = 20
     llm_attempts: int = 2
 
 
@@ -267,8 +270,11 @@ class Conversation:
         if frame.speaking and frame.onset_ms is not None:
             if self._speech_counts:
                 self._activity_ms = max(self._activity_ms, frame.last_voice_ms or now)
-            elif (frame.last_voice_ms or now) - frame.onset_ms >= self.rules.barge_in_min_speech_ms:
-                # Voiced time only: the detector's hangover after a short "mm-hm" is not speech.
+            elif (
+                now - frame.onset_ms >= self.rules.barge_in_min_speech_ms
+                and now - (frame.last_voice_ms or now) <= self.rules.barge_in_gap_ms
+            ):
+                # Voiced time, not the detector's hangover after a short "mm-hm".
                 self._interrupt(frame.onset_ms, actions)
         if frame.ended and self._speech_counts:
             self._speech_counts = False
@@ -300,6 +306,7 @@ class Conversation:
             self._stop_reply_streams(reply, actions)
             reply.cleared = True
             actions.append(RecordMetric("barge_in_ms", self._now_ms - onset_ms, reply.id))
+            self._metrics.setdefault("barge_in_ms", []).append(self._now_ms - onset_ms)
             self._commit_reply(reply, self._heard_text(reply), interrupted=True)
             self._reply = None
             self._agent("barge_in")
@@ -675,6 +682,7 @@ class Conversation:
             "transcript": transcript,
             "interruptions": len(barge_ins),
             "reply_latency_ms": self._metrics.get("reply_latency_ms", []),
+            "barge_in_ms": self._metrics.get("barge_in_ms", []),
             "end_reason": end_reason,
             "duration_ms": self._now_ms,
         }

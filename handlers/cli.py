@@ -35,6 +35,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             return _check()
+        if args.command == "demo":
+            from pathlib import Path
+
+            from infra.demo import run_demo
+
+            return run_demo(Path(args.out), real=args.real)
         if args.command == "serve":
             return _serve(args.app, args.host, args.port)
         if args.command == "bench" and args.frames:

@@ -102,11 +102,17 @@ class CallReport:
 # -- dialling ---------------------------------------------------------------------------------------
 
 
-def dial(webhook_url: str, auth_token: str, form: dict[str, str]) -> tuple[str, dict[str, str]]:
-    """Post the signed voice webhook as Twilio does; return the TwiML's stream URL and parameters."""
+def dial(
+    webhook_url: str, auth_token: str, form: dict[str, str], *, deliver_to: str | None = None
+) -> tuple[str, dict[str, str]]:
+    """Post the signed voice webhook as Twilio does; return the TwiML's stream URL and parameters.
+
+    Twilio signs the public `webhook_url`; `deliver_to` is where the request really goes when that
+    public name does not resolve here (a local run).
+    """
     body = urllib.parse.urlencode(form).encode()
     request = urllib.request.Request(
-        webhook_url,
+        deliver_to or webhook_url,
         data=body,
         headers={
             "Content-Type": "application/x-www-form-urlencoded",
@@ -226,7 +232,7 @@ class SimulatedCaller:
                     ):
                         audio = read_ulaw(VOICES / f"{step.voice}.wav")
                         audio += SILENCE[: (-len(audio)) % FRAME_BYTES]
-                        onset = frame_index * FRAME_MS
+                        onset = float(frame_index * FRAME_MS)
                         speaking = (step.voice, onset)
                         if step.after_agent_ms is not None:
                             self._barge_in_onset = onset
@@ -285,7 +291,7 @@ class SimulatedCaller:
             frame_index += 1
             if speaking is not None and not audio:
                 voice, onset = speaking
-                end = frame_index * FRAME_MS
+                end = float(frame_index * FRAME_MS)
                 self.report.speech.append((voice, onset, end))
                 self._awaiting_reply_since = end
                 self._heard_since = None

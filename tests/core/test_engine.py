@@ -461,6 +461,7 @@ def test_call_end_cancels_everything_and_saves_the_summary() -> None:
     assert summary["end_reason"] == "stop"
     assert "Caller: book a table" in summary["transcript"]
     assert summary["reply_latency_ms"] == [2000]
+    assert summary["barge_in_ms"] == []
     assert call.engine.handle(CallerAudio(call.now, SPEECH[0])) == []  # nothing after the end
 
 
@@ -514,3 +515,17 @@ def test_every_caller_frame_goes_to_stt() -> None:
     engine = Conversation(TurnRules(greeting=""))
     actions = engine.handle(CallerAudio(0, SPEECH[0]))
     assert actions[0] == SendToStt(SPEECH[0])
+
+
+def test_a_stop_consonants_closure_does_not_delay_the_barge_in() -> None:
+    call = Call(ANSWER)
+    call.silence(500)
+    caller_turn(call, "book a table")
+    call.silence(2300)
+    onset = call.now
+    call.speak(140)
+    call.silence(40)  # "ac-t-ually": the closure of the t
+    call.speak(200)
+    at, _ = call.step_with(SendClear)
+    assert at - onset == 160
+    assert call.engine.summary()["barge_in_ms"] == [160]
