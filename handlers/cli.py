@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure latency, CPU and memory (DESIGN.md section 5)")
     bench.add_argument("--frames", action="store_true", help="only the per-frame audio cost")
     bench.add_argument("--calls", type=int, nargs="*", default=[1, 10, 50], help="simultaneous calls to run")
+    bench.add_argument("--out", default="bench-output", help="folder for the JSON results and the logs")
     return parser
 
 
@@ -43,13 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(Path(args.out), real=args.real)
         if args.command == "serve":
             return _serve(args.app, args.host, args.port)
-        if args.command == "bench" and args.frames:
-            from infra.bench import report_frame_cost
+        if args.command == "bench":
+            from pathlib import Path
 
-            report_frame_cost()
-            return 0
-        print(f"parley {args.command}: not built yet (see the open issues)", file=sys.stderr)
-        return 0
+            from infra.bench import run
+
+            return run(args.calls, Path(args.out), frames_only=args.frames)
+        raise AssertionError(f"unknown command {args.command}")
     except ConfigError as error:
         print(f"parley {args.command}: configuration error: {error}", file=sys.stderr)
         return 2

@@ -68,7 +68,10 @@ def make_app(settings: MediaSettings, services: CallServices, registry: CallRegi
             metrics.flush()
             await services.chat.close()
 
-    return Litestar(route_handlers=[media, healthz], lifespan=[publish_metrics], openapi_config=None)
+    # logging_config=None: our JSON logger is the only one; Litestar's default would add a second, plain one.
+    return Litestar(
+        route_handlers=[media, healthz], lifespan=[publish_metrics], openapi_config=None, logging_config=None
+    )
 
 
 def from_env() -> tuple[Litestar, Drain]:

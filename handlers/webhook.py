@@ -52,7 +52,8 @@ def make_app(service: WebhookService) -> Litestar:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    return Litestar(route_handlers=[voice, status, stream_status, healthz], openapi_config=None)
+    # logging_config=None: our JSON logger is the only one; Litestar's default would add a second, plain one.
+    return Litestar(route_handlers=[voice, status, stream_status, healthz], openapi_config=None, logging_config=None)
 
 
 def service_from_env() -> WebhookService:

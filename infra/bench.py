@@ -1,19 +1,41 @@
-"""`parley bench`: measurements for the README, never assertions.
+"""`parley bench`: the figures of DESIGN.md section 5, measured, never asserted.
 
-The per-frame audio cost is measured here; the call-level figures (latency at the caller, CPU and
-memory per live call) need the media service, emulators and simulated callers.
+Call figures: N simultaneous simulated calls against one media-service process (`parley serve
+media`, pinned to one core), with the emulators (fixed latencies: STT final 150 ms after speech,
+LLM first text 300 ms, TTS first audio 150 ms) and the callers in other processes. Each call says a
+turn, cuts into the reply with a second turn, and hears the second reply out. Reported at the
+caller: p50/p95 reply latency beyond the silence threshold and p50/p95 barge-in latency (speech
+onset to `clear`); from /proc: the media process's CPU per live call and per call-minute, and its
+RSS per live call at the peak and after the calls end. Frame figure: the audio cost of one 20 ms
+frame (decode + voice activity + encode).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import platform
+import statistics
+import sys
+import time
 import timeit
 from pathlib import Path
+from typing import Any
+
+import boto3
 
 from core.audio import VoiceActivityDetector, samples_to_ulaw, ulaw_to_samples
+from core.store import create_table
+from infra.caller import CallReport, HangUp, Pause, Say, SimulatedCaller, Step, WaitForAgent
+from infra.local import Service, local_dynamodb
 from infra.wav import read_ulaw
 
 VOICES = Path(__file__).parent / "voices"
+TOKEN = "bench-twilio-auth-token"
+MEDIA_STREAM_URL = "wss://media.parley.local/media"
+THRESHOLD_MS = 2000
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def frame_cost_us(repeats: int = 7, number: int = 20000) -> float:
@@ -29,6 +51,181 @@ def frame_cost_us(repeats: int = 7, number: int = 20000) -> float:
     return min(timeit.repeat(one_frame, number=number, repeat=repeats)) / number * 1e6
 
 
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
 def report_frame_cost() -> None:
-    print(f"machine: {platform.machine()}, Python {platform.python_version()}, {platform.processor() or '?'}")
+    print(f"machine: {machine()}")
     print(f"audio per 20 ms frame (decode + detect + encode): {frame_cost_us():.1f} µs")
+
+
+# -- call figures ---------------------------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+_rounds = iter(range(1, 1_000_000))
+
+
+async def _calls(media_url: str, count: int) -> list[CallReport]:
+    round_number = next(_rounds)  # every call of every round has its own CallSid
+
+    async def one(index: int) -> CallReport:
+        call_sid = f"CA{round_number:016x}{index:016x}"
+        script: list[Step] = [
+            Pause(20 * (index % 50)),  # spread the starts over a second
+            Say("book_table"),
+            Say("actually", after_agent_ms=1200),
+            WaitForAgent(),
+            HangUp(),
+        ]
+        caller = SimulatedCaller(
+            media_url,
+            TOKEN,
+            list(script),
+            signed_url=MEDIA_STREAM_URL,
+            call_sid=call_sid,
+            stream_sid="MZ" + call_sid[2:],
+        )
+        return await caller.run()
+
+    return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+def run_calls(counts: list[int], out: Path) -> list[dict[str, Any]]:
+    out.mkdir(parents=True, exist_ok=True)
+    cores = sorted(os.sched_getaffinity(0))
+    media_core, other_cores = {cores[-1]}, set(cores[:-1]) or {cores[-1]}
+    os.sched_setaffinity(0, other_cores)  # the callers stay off the media service's core
+    results = []
+    with local_dynamodb() as dynamodb_url:
+        aws = {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_url,
+        }
+        create_table(
+            boto3.client(
+                "dynamodb",
+                endpoint_url=dynamodb_url,
+                region_name="us-east-1",
+                aws_access_key_id="bench",
+                aws_secret_access_key="bench",
+            ),
+            "bench-calls",
+        )
+        environment = {
+            **os.environ,
+            **aws,
+            "CALLS_TABLE": "bench-calls",
+            "TWILIO_AUTH_TOKEN": TOKEN,
+            "MEDIA_STREAM_URL": MEDIA_STREAM_URL,
+            "SILENCE_THRESHOLD": str(THRESHOLD_MS / 1000),
+            "GREETING": "",
+            "POWERTOOLS_SERVICE_NAME": "parley-bench",
+        }
+        emulators = Service(
+            "emulators",
+            [sys.executable, "-m", "infra.emulators", "--scenario", "bench"],
+            environment,
+            out / "emulators.log",
+            cpus=other_cores,
+        )
+        environment.update(emulators.ready)
+        media = Service(
+            "media",
+            [sys.executable, "-m", "handlers.cli", "serve", "media", "--host", "127.0.0.1", "--port", "0"],
+            environment,
+            out / "media.log",
+            cpus=media_core,
+        )
+        media_url = media.ready["listening"].replace("http://", "ws://") + "/media"
+        pid = media.process.pid
+        try:
+            asyncio.run(_calls(media_url, 1))  # warm-up: imports, first connections
+            for count in counts:
+                results.append(_measure(pid, media_url, count))
+                print(_line(results[-1]), flush=True)
+        finally:
+            media.stop()
+            emulators.stop()
+    (out / "bench.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+    return results
+
+
+def _measure(pid: int, media_url: str, count: int) -> dict[str, Any]:
+    baseline_rss = _rss_mb(pid)
+    cpu_before, wall_before = _cpu_seconds(pid), time.monotonic()
+    peak = {"rss": baseline_rss}
+
+    async def sample() -> None:
+        while True:
+            peak["rss"] = max(peak["rss"], _rss_mb(pid))
+            await asyncio.sleep(0.25)
+
+    async def main() -> list[CallReport]:
+        sampler = asyncio.create_task(sample())
+        try:
+            return await _calls(media_url, count)
+        finally:
+            sampler.cancel()
+
+    reports = asyncio.run(main())
+    wall = time.monotonic() - wall_before
+    cpu = _cpu_seconds(pid) - cpu_before
+    call_minutes = sum(r.duration_ms for r in reports) / 60_000
+    replies = [latency - THRESHOLD_MS for r in reports for latency in r.reply_latencies_ms]
+    barge_ins = [latency for r in reports for latency in r.barge_in_latencies_ms]
+    return {
+        "calls": count,
+        "reply_beyond_threshold_ms": {
+            "p50": _percentile(replies, 50),
+            "p95": _percentile(replies, 95),
+            "n": len(replies),
+        },
+        "barge_in_ms": {"p50": _percentile(barge_ins, 50), "p95": _percentile(barge_ins, 95), "n": len(barge_ins)},
+        "cpu_core_per_live_call": cpu / wall / count,
+        "cpu_seconds_per_call_minute": cpu / call_minutes if call_minutes else float("nan"),
+        "rss_mb_per_live_call": (peak["rss"] - baseline_rss) / count,
+        "rss_mb_after_calls_above_before": _rss_mb(pid) - baseline_rss,
+        "calls_without_barge_in": sum(1 for r in reports if not r.barge_in_latencies_ms),
+        "mean_call_s": statistics.mean(r.duration_ms for r in reports) / 1000,
+    }
+
+
+def _line(result: dict[str, Any]) -> str:
+    reply, barge = result["reply_beyond_threshold_ms"], result["barge_in_ms"]
+    return (
+        f"{result['calls']:>3} calls | reply beyond threshold p50 {reply['p50']:+.0f} p95 {reply['p95']:+.0f} ms"
+        f" | barge-in p50 {barge['p50']:.0f} p95 {barge['p95']:.0f} ms"
+        f" | CPU {result['cpu_core_per_live_call']:.4f} core/call,"
+        f" {result['cpu_seconds_per_call_minute']:.2f} s/call-min"
+        f" | RSS {result['rss_mb_per_live_call']:.2f} MB/call,"
+        f" {result['rss_mb_after_calls_above_before']:+.1f} MB after"
+    )
+
+
+def run(counts: list[int], out: Path, frames_only: bool = False) -> int:
+    report_frame_cost()
+    if not frames_only:
+        run_calls(counts, out)
+    return 0

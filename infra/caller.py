@@ -45,6 +45,7 @@ SILENCE = b"\xff" * FRAME_BYTES
 class Say:
     voice: str  # a WAV in infra/voices
     after_agent_ms: int | None = None  # a barge-in: start once the agent has been heard this long
+    timeout_ms: int = 20_000  # a barge-in whose agent never speaks is said anyway, and reported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,8 +228,12 @@ class SimulatedCaller:
                 if started_now:
                     step_started = now
                 if isinstance(step, Say):
-                    if step.after_agent_ms is None or (
-                        self._agent_playing(now) and now - self._reply_started >= step.after_agent_ms
+                    waited_too_long = step.after_agent_ms is not None and now - step_started >= step.timeout_ms
+                    self.report.timed_out |= waited_too_long
+                    if (
+                        step.after_agent_ms is None
+                        or waited_too_long
+                        or (self._agent_playing(now) and now - self._reply_started >= step.after_agent_ms)
                     ):
                         audio = read_ulaw(VOICES / f"{step.voice}.wav")
                         audio += SILENCE[: (-len(audio)) % FRAME_BYTES]

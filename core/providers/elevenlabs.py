@@ -112,6 +112,7 @@ class ElevenLabsStream:
         self._cancelled: set[str] = set()
         self._outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._closing = False
+        self._last_send = 0.0
         self.reconnects = 0
         self.connected = asyncio.Event()
         self.failed: ElevenLabsError | None = None
@@ -186,6 +187,7 @@ class ElevenLabsStream:
                     open_timeout=self._open_timeout_s,
                     max_size=16 * 2**20,
                     ping_interval=None,
+                    compression=None,  # base64 audio does not compress enough to pay for deflate
                 ) as socket:
                     self._resend_unfinished()
                     self.connected.set()
@@ -259,15 +261,27 @@ class ElevenLabsStream:
                     await task
 
     async def _write(self, socket: ClientConnection) -> None:
+        keepalive = asyncio.create_task(self._keep_alive(socket))
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                item = await self._outbox.get()
+                if item is None:
+                    return
+                await socket.send(_encode(item))
+                self._last_send = loop.time()
+        finally:
+            keepalive.cancel()
+
+    async def _keep_alive(self, socket: ClientConnection) -> None:
+        """An empty text whenever the socket has been idle for a while (a timer, not a timeout per message)."""
+        loop = asyncio.get_running_loop()
+        self._last_send = loop.time()
         while True:
-            try:
-                item = await asyncio.wait_for(self._outbox.get(), timeout=self._keepalive_s)
-            except TimeoutError:
-                await socket.send('{"text": ""}')  # keeps an idle socket open
-                continue
-            if item is None:
-                return
-            await socket.send(_encode(item))
+            await asyncio.sleep(max(0.0, self._last_send + self._keepalive_s - loop.time()))
+            if loop.time() - self._last_send >= self._keepalive_s:
+                await socket.send('{"text": ""}')
+                self._last_send = loop.time()
 
     async def _read(self, socket: ClientConnection) -> None:
         async for raw in socket:

@@ -14,7 +14,7 @@ import signal
 from infra.emulators.deepgram import DeepgramEmulator
 from infra.emulators.elevenlabs import ElevenLabsEmulator
 from infra.emulators.openai import OpenAiEmulator
-from infra.emulators.scenario import Scenario, demo_scenario
+from infra.emulators.scenario import SCENARIOS, Scenario
 
 
 class Emulators:
@@ -47,8 +47,9 @@ class Emulators:
 
 
 async def _main() -> None:
-    argparse.ArgumentParser(description=__doc__).parse_args()
-    emulators = Emulators(demo_scenario())
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="demo")
+    emulators = Emulators(SCENARIOS[parser.parse_args().scenario]())
     await emulators.start()
     print(json.dumps(emulators.environment()), flush=True)
     stop = asyncio.Event()

@@ -83,3 +83,13 @@ def demo_scenario(**changes: object) -> Scenario:
         ),
     )
     return dataclasses.replace(scenario, **changes)  # type: ignore[arg-type]
+
+
+def bench_scenario() -> Scenario:
+    """The benchmark's call: a turn, a reply cut in on, a second turn and its reply."""
+    demo = demo_scenario()
+    caller, answers = (demo.caller[0], demo.caller[2]), (demo.answers[0], demo.answers[1])
+    return dataclasses.replace(demo, caller=caller, answers=answers)
+
+
+SCENARIOS = {"demo": demo_scenario, "bench": bench_scenario}

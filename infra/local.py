@@ -1,0 +1,70 @@
+"""Local stand-ins for the cloud, as processes: DynamoDB from moto's server, and services started as
+subprocesses that are ready once they print their JSON line (no polling). Used by the demo and the
+benchmark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+class Service:
+    """A `parley serve` or emulator subprocess, ready once it has printed its JSON line."""
+
+    def __init__(
+        self, name: str, command: list[str], environment: dict[str, str], log: Path, cpus: set[int] | None = None
+    ) -> None:
+        self.name = name
+        self._log = log.open("w")
+        self.process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        if cpus:  # not preexec_fn: it is unsafe in a process with threads (moto's server runs in one)
+            os.sched_setaffinity(self.process.pid, cpus)
+        assert self.process.stdout is not None
+        self.ready = self._first_json_line(self.process.stdout)
+        self._drainer = threading.Thread(target=self._drain, args=(self.process.stdout,), daemon=True)
+        self._drainer.start()
+
+    def _first_json_line(self, stream: IO[str]) -> dict[str, Any]:
+        for line in stream:
+            self._log.write(line)
+            if line.startswith("{") and ("listening" in line or "_URL" in line):
+                parsed: dict[str, Any] = json.loads(line)
+                return parsed
+        raise RuntimeError(f"{self.name} exited before it was ready; see {self._log.name}")
+
+    def _drain(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._log.write(line)
+            self._log.flush()
+
+    def stop(self) -> None:
+        self.process.terminate()  # SIGTERM: the media service drains (no calls are left) and exits 0
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._drainer.join(timeout=5)  # the last lines, before the log file closes
+        self._log.close()
+
+
+@contextlib.contextmanager
+def local_dynamodb() -> Iterator[str]:
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per DynamoDB request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
