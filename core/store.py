@@ -77,7 +77,7 @@ class CallStore:
         ttl_days: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._client = client
+        self.client = client
         self._table = table
         self._ttl_seconds = int(ttl_days * 86400)
         self._clock = clock
@@ -111,7 +111,7 @@ class CallStore:
         if condition:
             request["ConditionExpression"] = condition
         try:
-            self._client.update_item(**request)
+            self.client.update_item(**request)
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
                 return False
@@ -221,7 +221,7 @@ class CallStore:
 
     def get_call(self, call_sid: str) -> dict[str, Any] | None:
         """The call's item as plain Python, or None if there is none or it has expired."""
-        response = self._client.get_item(TableName=self._table, Key={"CallSid": {"S": call_sid}}, ConsistentRead=True)
+        response = self.client.get_item(TableName=self._table, Key={"CallSid": {"S": call_sid}}, ConsistentRead=True)
         raw = response.get("Item")
         if raw is None:
             return None

@@ -63,7 +63,8 @@ def service_from_env() -> WebhookService:
     return WebhookService(settings, store)
 
 
-app = make_app(service_from_env())
+service = service_from_env()
+app = make_app(service)
 # Litestar types its ASGI callable more narrowly than Mangum's protocol; they are the same at runtime.
 _asgi = Mangum(app, lifespan="off")  # type: ignore[arg-type]
 

@@ -224,8 +224,130 @@ def _line(result: dict[str, Any]) -> str:
     )
 
 
+# -- the webhook Lambda ------------------------------------------------------------------------------
+
+_LAMBDA_PROBE = r"""
+import json, sys, time
+sys.path.insert(0, {bundle!r})
+started = time.perf_counter()
+{imports}
+imported = time.perf_counter()
+result = {{"import_ms": (imported - started) * 1000}}
+if {call}:
+    from types import SimpleNamespace
+    from botocore.stub import Stubber
+    CONTEXT = SimpleNamespace(function_name="parley-webhook", memory_limit_in_mb=512, aws_request_id="r",
+                              invoked_function_arn="arn:aws:lambda:us-east-1:123456789012:function:parley-webhook")
+    stub = Stubber(handlers.webhook.service.store.client)
+    for _ in range(201):
+        stub.add_response("update_item", {{}})
+    stub.activate()
+    request = json.loads(sys.stdin.read())
+    handlers.webhook.handler(request, CONTEXT)
+    result["cold_ms"] = (time.perf_counter() - started) * 1000
+    times = []
+    for _ in range(200):
+        t = time.perf_counter()
+        handlers.webhook.handler(request, CONTEXT)
+        times.append((time.perf_counter() - t) * 1000)
+    result["warm_ms"] = sorted(times)[100]
+print(json.dumps(result))
+"""
+
+
+def lambda_figures(runs: int = 9) -> dict[str, float]:
+    """Cold start (import + first /voice) over the bare-import floor, and the warm handler, in fresh
+    interpreters, DynamoDB stubbed out (botocore's Stubber) so only our code is timed."""
+    import subprocess
+
+    from core.twilio import compute_signature
+    from infra.lambda_events import http_api_event
+
+    host = "abc123defg.execute-api.us-east-1.amazonaws.com"
+    form = {
+        "CallSid": "CA" + "1" * 32,
+        "AccountSid": "AC" + "0" * 32,
+        "From": "+15551234567",
+        "To": "+15557654321",
+        "CallStatus": "ringing",
+        "Direction": "inbound",
+    }
+
+    environment = {
+        **os.environ,
+        "TWILIO_AUTH_TOKEN": TOKEN,
+        "MEDIA_STREAM_URL": "wss://media.example.com/media",
+        "CALLS_TABLE": "calls",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "POWERTOOLS_METRICS_NAMESPACE": "ParleyBench",
+    }
+    environment.pop("PUBLIC_BASE_URL", None)
+
+    root = Path(__file__).parents[1]
+    bundle = root / "build" / "lambda-host"  # the Lambda's bundle, built for this machine to time it here
+    subprocess.run(
+        [
+            "make",
+            "-s",
+            "build-WebhookFunction",
+            f"ARTIFACTS_DIR={bundle}",
+            f"PYTHON={sys.executable}",
+            f"LAMBDA_PLATFORM=manylinux2014_{platform.machine()}",
+            f"LAMBDA_PYTHON={sys.version_info.major}.{sys.version_info.minor}",
+            f"LAMBDA_COMPILER={sys.executable}",
+        ],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    )
+
+    def probe(imports: str, call: bool) -> dict[str, float]:
+        code = _LAMBDA_PROBE.format(imports=imports, call=call, bundle=str(bundle))
+        signature = compute_signature(TOKEN, f"https://{host}/voice", form)
+        request = json.dumps(http_api_event("/voice", form, host=host, signature=signature))
+        # -S: no site-packages, so only what the bundle holds can be imported, as in Lambda.
+        output = subprocess.run(
+            [sys.executable, "-S", "-c", code],
+            env=environment,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=root,
+            input=request,
+        ).stdout
+        parsed: dict[str, float] = json.loads(output.strip().splitlines()[-1])
+        return parsed
+
+    # Interleaved pairs: the machine's load drifts, and a difference taken within a pair cancels it.
+    pairs = [
+        (probe("import litestar, boto3, mangum", False), probe("import handlers.webhook", True)) for _ in range(runs)
+    ]
+    return {
+        "floor_import_ms": statistics.median(floor["import_ms"] for floor, _ in pairs),
+        "import_ms": statistics.median(ours["import_ms"] for _, ours in pairs),
+        "cold_start_ms": statistics.median(ours["cold_ms"] for _, ours in pairs),
+        "cold_start_over_floor_ms": statistics.median(ours["cold_ms"] - floor["import_ms"] for floor, ours in pairs),
+        "warm_handler_ms": statistics.median(ours["warm_ms"] for _, ours in pairs),
+    }
+
+
+def report_lambda() -> None:
+    figures = lambda_figures()
+    print(
+        f"webhook Lambda: import {figures['import_ms']:.0f} ms; cold start (import + first /voice) "
+        f"{figures['cold_start_ms']:.0f} ms = bare 'import litestar, boto3, mangum'"
+        f" ({figures['floor_import_ms']:.0f} ms)"
+        f" {figures['cold_start_over_floor_ms']:+.0f} ms; warm handler {figures['warm_handler_ms']:.2f} ms"
+        " (DynamoDB stubbed)"
+    )
+
+
 def run(counts: list[int], out: Path, frames_only: bool = False) -> int:
     report_frame_cost()
-    if not frames_only:
-        run_calls(counts, out)
+    if frames_only:
+        return 0
+    report_lambda()
+    run_calls(counts, out)
     return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import importlib
 import io
 import json
@@ -11,7 +10,6 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from types import ModuleType, SimpleNamespace
 from typing import Any
-from urllib.parse import urlencode
 
 import boto3
 import pytest
@@ -20,6 +18,7 @@ from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Connect, Hangup, VoiceResponse
 
 from core.store import CallStore, create_table
+from infra.lambda_events import http_api_event
 
 TOKEN = "auth-token-0123456789"
 HOST = "abc123defg.execute-api.us-east-1.amazonaws.com"
@@ -49,49 +48,10 @@ CONTEXT = SimpleNamespace(
 def event(
     path: str, form: dict[str, str], *, signature: str | None = "sign", signed_url: str | None = None
 ) -> dict[str, Any]:
-    """An HTTP API v2 event as API Gateway sends it on the $default stage (form body in base64)."""
-    body = urlencode(form)
-    headers = {
-        "accept": "*/*",
-        "content-length": str(len(body)),
-        "content-type": "application/x-www-form-urlencoded",
-        "host": HOST,
-        "user-agent": "TwilioProxy/1.1",
-        "x-forwarded-for": "203.0.113.10",
-        "x-forwarded-port": "443",
-        "x-forwarded-proto": "https",
-    }
+    """Signed as Twilio signs, by twilio's own RequestValidator (the oracle)."""
     if signature == "sign":
         signature = RequestValidator(TOKEN).compute_signature(signed_url or f"https://{HOST}{path}", form)
-    if signature is not None:
-        headers["x-twilio-signature"] = signature
-    return {
-        "version": "2.0",
-        "routeKey": f"POST {path}",
-        "rawPath": path,
-        "rawQueryString": "",
-        "headers": headers,
-        "requestContext": {
-            "accountId": "123456789012",
-            "apiId": "abc123defg",
-            "domainName": HOST,
-            "domainPrefix": "abc123defg",
-            "http": {
-                "method": "POST",
-                "path": path,
-                "protocol": "HTTP/1.1",
-                "sourceIp": "203.0.113.10",
-                "userAgent": "TwilioProxy/1.1",
-            },
-            "requestId": "Ab1CdEfGhIjKlM=",
-            "routeKey": f"POST {path}",
-            "stage": "$default",
-            "time": "24/Nov/2026:00:00:00 +0000",
-            "timeEpoch": 1795478400000,
-        },
-        "body": base64.b64encode(body.encode()).decode(),
-        "isBase64Encoded": True,
-    }
+    return http_api_event(path, form, host=HOST, signature=signature)
 
 
 @pytest.fixture
@@ -251,9 +211,7 @@ def test_stream_status_is_recorded(webhook: ModuleType) -> None:
 
 
 def test_health(webhook: ModuleType) -> None:
-    health = event("/healthz", {})
-    health["requestContext"]["http"]["method"] = "GET"
-    health["routeKey"] = "GET /healthz"
+    health = http_api_event("/healthz", {}, host=HOST, signature=None, method="GET")
     response = webhook.handler(health, CONTEXT)
     assert response["statusCode"] == 200 and json.loads(response["body"]) == {"status": "ok"}
 
