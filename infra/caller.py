@@ -166,6 +166,7 @@ class SimulatedCaller:
         self._awaiting_reply_since: float | None = None
         self._barge_in_onset: float | None = None
         self._heard_since: float | None = None  # first agent audio after the caller last spoke
+        self.heard_agent = asyncio.Event()  # set at the first agent audio of the call
 
     def now(self) -> float:
         return (time.monotonic() - self._t0) * 1000
@@ -325,6 +326,7 @@ class SimulatedCaller:
 
     def _on_media(self, now: float, ulaw: bytes) -> None:
         self.report.media_received += 1
+        self.heard_agent.set()
         if self._awaiting_reply_since is not None and now > self._awaiting_reply_since:
             self.report.reply_latencies_ms.append(now - self._awaiting_reply_since)
             self._awaiting_reply_since = None

@@ -27,6 +27,7 @@ class Service:
         if cpus:  # not preexec_fn: it is unsafe in a process with threads (moto's server runs in one)
             os.sched_setaffinity(self.process.pid, cpus)
         assert self.process.stdout is not None
+        self._watched: list[tuple[str, threading.Event]] = []
         self.ready = self._first_json_line(self.process.stdout)
         self._drainer = threading.Thread(target=self._drain, args=(self.process.stdout,), daemon=True)
         self._drainer.start()
@@ -43,6 +44,15 @@ class Service:
         for line in stream:
             self._log.write(line)
             self._log.flush()
+            for text, seen in self._watched:
+                if text in line:
+                    seen.set()
+
+    def watch_for(self, text: str) -> threading.Event:
+        """An event set when a later line of the service's output contains `text`."""
+        seen = threading.Event()
+        self._watched.append((text, seen))
+        return seen
 
     def stop(self) -> None:
         self.process.terminate()  # SIGTERM: the media service drains (no calls are left) and exits 0
