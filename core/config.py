@@ -161,21 +161,27 @@ _MS = "a whole number of milliseconds >= 0, e.g. 150"
 
 
 @dataclasses.dataclass(frozen=True)
-class WebhookSettings:
-    """What the webhook Lambda reads. It needs no provider keys."""
+class _TwilioAndBooks:
+    """What both processes read: Twilio's token, the stream URL it signs, the calls table."""
 
     twilio_auth_token: str = setting("TWILIO_AUTH_TOKEN", text, "the Twilio account's auth token", secret=True)
     media_stream_url: str = setting(
-        "MEDIA_STREAM_URL", url_with_scheme("wss"), "the media service's wss://host/media URL"
+        "MEDIA_STREAM_URL", url_with_scheme("wss"), "the media service's public wss://host/media URL"
     )
+    calls_table: str = setting("CALLS_TABLE", text, "the DynamoDB calls table's name")
+    call_ttl_days: float = setting("CALL_TTL_DAYS", positive_float, "how many days a call item is kept, e.g. 30", "30")
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookSettings(_TwilioAndBooks):
+    """What the webhook Lambda reads. It needs no provider keys."""
+
     public_base_url: str | None = setting(
         "PUBLIC_BASE_URL",
         optional_url("https"),
         "the webhook's public https:// base URL, or empty to rebuild it from the request",
         "",
     )
-    calls_table: str = setting("CALLS_TABLE", text, "the DynamoDB calls table's name")
-    call_ttl_days: float = setting("CALL_TTL_DAYS", positive_float, "how many days a call item is kept, e.g. 30", "30")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
@@ -253,15 +259,9 @@ class ConversationSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class MediaSettings:
-    """What the media service reads: the upgrade check, the providers, the rules, the table."""
+class MediaSettings(_TwilioAndBooks):
+    """What the media service reads besides providers and rules: the upgrade check, the table, the drain."""
 
-    twilio_auth_token: str = setting("TWILIO_AUTH_TOKEN", text, "the Twilio account's auth token", secret=True)
-    media_stream_url: str = setting(
-        "MEDIA_STREAM_URL", url_with_scheme("wss"), "the media service's public wss://host/media URL"
-    )
-    calls_table: str = setting("CALLS_TABLE", text, "the DynamoDB calls table's name")
-    call_ttl_days: float = setting("CALL_TTL_DAYS", positive_float, "how many days a call item is kept, e.g. 30", "30")
     drain_seconds: float = setting(
         "DRAIN_SECONDS", positive_float, "how long SIGTERM waits for live calls, e.g. 110", "110"
     )

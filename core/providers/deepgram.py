@@ -13,21 +13,18 @@ twice. KeepAlive goes out whenever no audio has for a few seconds (Deepgram clos
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
 import msgspec
 import websockets
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from core.audio import SAMPLE_RATE, ulaw_silence
 from core.events import Transcript, UtteranceEnd, Word
 from core.logs import logger
+from core.providers.connection import ProviderConnection
 
 # -- Deepgram's messages (only the fields we read; msgspec ignores the rest) ----------------------
 
@@ -67,6 +64,7 @@ _FINALIZE = '{"type": "Finalize"}'
 _CLOSE_STREAM = '{"type": "CloseStream"}'
 # Replayed audio is bounded: beyond this much unconfirmed audio, the oldest is given up.
 _MAX_REPLAY_MS = 60_000
+_CLOSE_TIMEOUT_S = 3.0  # after CloseStream, how long Deepgram may take to send its last results
 
 
 class DeepgramError(Exception):
@@ -92,8 +90,11 @@ def listen_url(base_url: str, *, model: str, utterance_end_ms: int, endpointing_
     return f"{base_url}?{urlencode(query)}"
 
 
-class DeepgramStream:
+class DeepgramStream(ProviderConnection[bytes | str]):
     """One call's transcription. Call `send_audio` per frame; results arrive through `on_event`."""
+
+    name = "Deepgram"
+    keepalive_message = _KEEP_ALIVE
 
     def __init__(
         self,
@@ -107,25 +108,22 @@ class DeepgramStream:
         max_backoff_s: float = 2.0,
         open_timeout_s: float = 5.0,
     ) -> None:
-        self._url = url
-        self._api_key = api_key
+        super().__init__(
+            url,
+            {"Authorization": f"Token {api_key}"},
+            keepalive_s=keepalive_s,
+            max_backoff_s=max_backoff_s,
+            open_timeout_s=open_timeout_s,
+            close_timeout_s=_CLOSE_TIMEOUT_S,
+        )
         self._on_event = on_event
         self._now_ms = now_ms
-        self._keepalive_s = keepalive_s
         self._batch_bytes = batch_ms * SAMPLE_RATE // 1000
         self._batch = bytearray()
-        self._max_backoff_s = max_backoff_s
-        self._open_timeout_s = open_timeout_s
-        self._socket: ClientConnection | None = None
-        self._outbox: asyncio.Queue[bytes | str | None] = asyncio.Queue()
         self._unconfirmed: collections.deque[tuple[int, bytes]] = collections.deque()
         self._confirmed_ms = 0  # audio-clock time up to which finals have covered the audio
         self._origin_ms: int | None = None  # audio-clock time of this socket's first frame
         self._next_at_ms: int | None = None
-        self._last_send = 0.0  # loop time of the last message sent, for KeepAlive
-        self._closing = False
-        self.reconnects = 0
-        self.connected = asyncio.Event()
         self.failed: DeepgramError | None = None
 
     # -- the caller side (synchronous, called from the media loop) -------------------------------
@@ -161,114 +159,34 @@ class DeepgramStream:
 
     async def close(self) -> None:
         """CloseStream, so Deepgram flushes its last results; the reader ends on its close."""
-        self._closing = True
         self._flush_batch()
         self._outbox.put_nowait(_CLOSE_STREAM)
-        self._outbox.put_nowait(None)
+        await super().close()
 
     # -- the socket side ------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Connect, then pump both directions until closed; reconnect whenever the socket drops."""
-        backoff = 0.1
-        while not self._closing:
-            try:
-                async with websockets.connect(
-                    self._url,
-                    additional_headers={"Authorization": f"Token {self._api_key}"},
-                    open_timeout=self._open_timeout_s,
-                    max_size=2**22,
-                    ping_interval=None,
-                    compression=None,  # µ-law does not compress; deflating 160 bytes 50 times a second costs CPU
-                ) as socket:
-                    self._socket = socket
-                    self._begin_socket()
-                    self.connected.set()
-                    backoff = 0.1
-                    await self._pump(socket)
-                    if self._closing:
-                        return
-            except InvalidStatus as error:
-                status = error.response.status_code
-                if status in (400, 401, 403, 404):
-                    self.failed = DeepgramError(f"Deepgram refused the connection with HTTP {status}")
-                    logger.error(
-                        "Deepgram refused the connection; check DEEPGRAM_API_KEY/DEEPGRAM_URL", extra={"status": status}
-                    )
-                    self.connected.set()
-                    return
-                logger.warning("Deepgram handshake failed; retrying", extra={"status": status})
-            except (OSError, ConnectionClosed, TimeoutError) as error:
-                if self._closing:
-                    return
-                logger.warning("Deepgram socket dropped; reconnecting", extra={"error": repr(error)})
-            finally:
-                self._socket = None
-            self.connected.clear()
-            self.reconnects += 1
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self._max_backoff_s)
-
-    def _begin_socket(self) -> None:
+    def _on_connect(self) -> None:
         """A fresh socket: its clock starts at the first unconfirmed frame, which is replayed."""
         replay = list(self._unconfirmed)
         self._origin_ms = replay[0][0] if replay else self._next_at_ms
-        fresh: asyncio.Queue[bytes | str | None] = asyncio.Queue()
         self._batch.clear()  # its audio is in the replay
+        controls = [item for item in self._drain_outbox() if not isinstance(item, bytes)]
         for _, ulaw in replay:
-            fresh.put_nowait(ulaw)
-        while not self._outbox.empty():  # keep control messages; their audio is in the replay
-            item = self._outbox.get_nowait()
-            if not isinstance(item, bytes):
-                fresh.put_nowait(item)
-        self._outbox = fresh
+            self._outbox.put_nowait(ulaw)
+        for item in controls:  # control messages stay; the audio queued with them is in the replay
+            self._outbox.put_nowait(item)
 
-    async def _pump(self, socket: ClientConnection) -> None:
-        reader = asyncio.create_task(self._read(socket))
-        writer = asyncio.create_task(self._write(socket))
+    def _on_refused(self, status: int) -> None:
+        self.failed = DeepgramError(f"Deepgram refused the connection with HTTP {status}")
+        logger.error("Deepgram refused the connection; check DEEPGRAM_API_KEY/DEEPGRAM_URL", extra={"status": status})
+
+    def _on_message(self, raw: str | bytes) -> None:
         try:
-            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-            if writer in done and writer.exception() is None and self._closing:
-                await reader  # after CloseStream: read the last results until Deepgram closes
-            for task in done:
-                task.result()
-        finally:
-            for task in (reader, writer):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-                    await task
-
-    async def _write(self, socket: ClientConnection) -> None:
-        keepalive = asyncio.create_task(self._keep_alive(socket))
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                item = await self._outbox.get()
-                if item is None:
-                    return
-                await socket.send(item)
-                self._last_send = loop.time()
-        finally:
-            keepalive.cancel()
-
-    async def _keep_alive(self, socket: ClientConnection) -> None:
-        """KeepAlive whenever nothing went out for a while (a timer, not a timeout per frame)."""
-        loop = asyncio.get_running_loop()
-        self._last_send = loop.time()
-        while True:
-            await asyncio.sleep(max(0.0, self._last_send + self._keepalive_s - loop.time()))
-            if loop.time() - self._last_send >= self._keepalive_s:
-                await socket.send(_KEEP_ALIVE)
-                self._last_send = loop.time()
-
-    async def _read(self, socket: ClientConnection) -> None:
-        async for raw in socket:
-            try:
-                message = _decode(raw)
-            except msgspec.DecodeError:
-                logger.warning("ignored a malformed Deepgram message", extra={"length": len(raw)})
-                continue
-            self._handle(message)
+            message = _decode(raw)
+        except msgspec.DecodeError:
+            logger.warning("ignored a malformed Deepgram message", extra={"length": len(raw)})
+            return
+        self._handle(message)
 
     def _to_clock(self, seconds: float) -> int:
         return (self._origin_ms or 0) + round(seconds * 1000)

@@ -14,9 +14,7 @@ and `pcm_24000` are decimated and encoded by the audio core.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import dataclasses
 import re
 from collections.abc import Callable
@@ -25,12 +23,11 @@ from urllib.parse import quote, urlencode
 
 import msgspec
 import websockets
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from core.audio import TtsAudioConverter
 from core.events import AlignedChar, TtsAudio, TtsDone, TtsFailed
 from core.logs import logger
+from core.providers.connection import ProviderConnection
 
 VOICE_SETTINGS = {"stability": 0.5, "similarity_boost": 0.75, "style": 0.0, "use_speaker_boost": True, "speed": 1.0}
 # Send text at the end of a phrase; a long run without punctuation goes at a word boundary.
@@ -87,7 +84,10 @@ class _Context:
     done: bool = False
 
 
-class ElevenLabsStream:
+class ElevenLabsStream(ProviderConnection[dict[str, Any]]):
+    name = "ElevenLabs"
+    keepalive_message = '{"text": ""}'  # keeps an idle socket open
+
     def __init__(
         self,
         url: str,
@@ -100,21 +100,19 @@ class ElevenLabsStream:
         max_backoff_s: float = 2.0,
         open_timeout_s: float = 5.0,
     ) -> None:
-        self._url = url
-        self._api_key = api_key
+        super().__init__(
+            url,
+            {"xi-api-key": api_key},
+            keepalive_s=keepalive_s,
+            max_backoff_s=max_backoff_s,
+            open_timeout_s=open_timeout_s,
+            max_size=16 * 2**20,
+        )
         self._output_format = output_format
         self._on_event = on_event
         self._now_ms = now_ms
-        self._keepalive_s = keepalive_s
-        self._max_backoff_s = max_backoff_s
-        self._open_timeout_s = open_timeout_s
         self._contexts: dict[str, _Context] = {}
         self._cancelled: set[str] = set()
-        self._outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        self._closing = False
-        self._last_send = 0.0
-        self.reconnects = 0
-        self.connected = asyncio.Event()
         self.failed: ElevenLabsError | None = None
 
     # -- what the call runner asks ----------------------------------------------------------------
@@ -147,19 +145,15 @@ class ElevenLabsStream:
     def cancel(self, reply_id: str) -> None:
         context = self._contexts.pop(reply_id, None)
         self._cancelled.add(reply_id)
-        unsent = []
-        while not self._outbox.empty():
-            unsent.append(self._outbox.get_nowait())
-        for item in unsent:  # text of the interrupted reply that has not gone out yet never will
+        for item in self._drain_outbox():  # text of the interrupted reply that has not gone out yet never will
             if item is None or item.get("context_id") != reply_id:
                 self._outbox.put_nowait(item)
         if context is not None and context.initialised:
             self._outbox.put_nowait({"context_id": reply_id, "close_context": True})
 
     async def close(self) -> None:
-        self._closing = True
         self._outbox.put_nowait({"close_socket": True})
-        self._outbox.put_nowait(None)
+        await super().close()
 
     def _send(self, context: _Context, text: str) -> None:
         if not text.strip():
@@ -177,54 +171,23 @@ class ElevenLabsStream:
 
     # -- the socket -----------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        backoff = 0.1
-        while not self._closing:
-            try:
-                async with websockets.connect(
-                    self._url,
-                    additional_headers={"xi-api-key": self._api_key},
-                    open_timeout=self._open_timeout_s,
-                    max_size=16 * 2**20,
-                    ping_interval=None,
-                    compression=None,  # base64 audio does not compress enough to pay for deflate
-                ) as socket:
-                    self._resend_unfinished()
-                    self.connected.set()
-                    backoff = 0.1
-                    await self._pump(socket)
-                    if self._closing:
-                        return
-            except InvalidStatus as error:
-                status = error.response.status_code
-                if status in (400, 401, 403, 404):
-                    self.failed = ElevenLabsError(f"ElevenLabs refused the connection with HTTP {status}")
-                    logger.error(
-                        "ElevenLabs refused the connection; check ELEVENLABS_API_KEY/VOICE_ID/URL",
-                        extra={"status": status},
-                    )
-                    self._fail_all(f"HTTP {status}")
-                    self.connected.set()
-                    return
-                logger.warning("ElevenLabs handshake failed; retrying", extra={"status": status})
-            except (OSError, ConnectionClosed, TimeoutError) as error:
-                if self._closing:
-                    return
-                logger.warning("ElevenLabs socket dropped; reconnecting", extra={"error": repr(error)})
-            self.connected.clear()
-            self.reconnects += 1
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self._max_backoff_s)
+    def _on_refused(self, status: int) -> None:
+        self.failed = ElevenLabsError(f"ElevenLabs refused the connection with HTTP {status}")
+        logger.error(
+            "ElevenLabs refused the connection; check ELEVENLABS_API_KEY/VOICE_ID/URL", extra={"status": status}
+        )
+        self._fail_all(f"HTTP {status}")
 
-    def _resend_unfinished(self) -> None:
+    def _encode(self, item: dict[str, Any]) -> str:
+        return _encode(item).decode()
+
+    def _on_connect(self) -> None:
         """On a new socket, say again what no audio has arrived for yet.
 
         Queued text was already counted in `sent`, so the queue is rebuilt from the contexts; only
         socket-level messages (close_socket, the end marker) are carried over.
         """
-        queued = []
-        while not self._outbox.empty():
-            queued.append(self._outbox.get_nowait())
+        queued = self._drain_outbox()
         for context in list(self._contexts.values()):
             if not context.initialised or context.done:
                 continue
@@ -244,53 +207,13 @@ class ElevenLabsStream:
             if item is None or "close_socket" in item:
                 self._outbox.put_nowait(item)
 
-    async def _pump(self, socket: ClientConnection) -> None:
-        reader = asyncio.create_task(self._read(socket))
-        writer = asyncio.create_task(self._write(socket))
+    def _on_message(self, raw: str | bytes) -> None:
         try:
-            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-            if writer in done and writer.exception() is None and self._closing:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(reader, timeout=2.0)
-            for task in done:
-                task.result()
-        finally:
-            for task in (reader, writer):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-                    await task
-
-    async def _write(self, socket: ClientConnection) -> None:
-        keepalive = asyncio.create_task(self._keep_alive(socket))
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                item = await self._outbox.get()
-                if item is None:
-                    return
-                await socket.send(_encode(item))
-                self._last_send = loop.time()
-        finally:
-            keepalive.cancel()
-
-    async def _keep_alive(self, socket: ClientConnection) -> None:
-        """An empty text whenever the socket has been idle for a while (a timer, not a timeout per message)."""
-        loop = asyncio.get_running_loop()
-        self._last_send = loop.time()
-        while True:
-            await asyncio.sleep(max(0.0, self._last_send + self._keepalive_s - loop.time()))
-            if loop.time() - self._last_send >= self._keepalive_s:
-                await socket.send('{"text": ""}')
-                self._last_send = loop.time()
-
-    async def _read(self, socket: ClientConnection) -> None:
-        async for raw in socket:
-            try:
-                message = _decode(raw)
-            except msgspec.DecodeError:
-                logger.warning("ignored a malformed ElevenLabs message", extra={"length": len(raw)})
-                continue
-            self._handle(message)
+            message = _decode(raw)
+        except msgspec.DecodeError:
+            logger.warning("ignored a malformed ElevenLabs message", extra={"length": len(raw)})
+            return
+        self._handle(message)
 
     def _handle(self, message: _Message) -> None:
         if message.error:
