@@ -10,7 +10,7 @@ on `/voice` the TwiML is still returned, the failure logged and counted.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import parse_qs
 
 from botocore.exceptions import BotoCoreError
@@ -96,6 +96,17 @@ class WebhookService:
         missing = [name for name in required if not flat.get(name)]
         return f"missing required parameter(s): {', '.join(missing)}" if missing else flat
 
+    @staticmethod
+    def _book(write: Callable[[], None], failure: str) -> bool:
+        """One write to the calls table; a failure is logged and counted, never raised."""
+        try:
+            write()
+        except (StoreError, BotoCoreError) as error:
+            metrics.count("BookkeepingFailures")
+            logger.error(failure, extra={"error": str(error)})
+            return False
+        return True
+
     def voice(self, request: IncomingRequest) -> WebhookReply:
         checked = self._verified_params(request)
         if isinstance(checked, WebhookReply):
@@ -104,11 +115,7 @@ class WebhookService:
         if isinstance(params, str):
             return self._bad(request, params)
         bind_call(CallSid=params["CallSid"])
-        try:
-            self.store.record_call(params)
-        except (StoreError, BotoCoreError) as error:
-            metrics.count("BookkeepingFailures")
-            logger.error("could not record the call; answering anyway", extra={"error": str(error)})
+        self._book(lambda: self.store.record_call(params), "could not record the call; answering anyway")
         metrics.count("CallsStarted")
         stream_parameters = {
             "CallSid": params["CallSid"],
@@ -140,12 +147,8 @@ class WebhookService:
         if not params.get("SequenceNumber", "0").isdigit():
             return self._bad(request, f"SequenceNumber {params['SequenceNumber']!r} is not a whole number")
         bind_call(CallSid=params["CallSid"])
-        try:
-            self.store.record_status(params)
-        except (StoreError, BotoCoreError) as error:
-            metrics.count("BookkeepingFailures")
-            logger.error("could not record a status callback; Twilio may retry", extra={"error": str(error)})
-            return WebhookReply(500, "could not record the status; retry\n")
+        if not self._book(lambda: self.store.record_status(params), "could not record a status callback"):
+            return WebhookReply(500, "could not record the status; retry\n")  # Twilio retries; writes are idempotent
         if params["CallStatus"] == "completed":
             metrics.count("CallsCompleted")
         logger.info("call status", extra={"status": params["CallStatus"], "sequence": params.get("SequenceNumber")})
@@ -159,11 +162,7 @@ class WebhookService:
         if isinstance(params, str):
             return self._bad(request, params)
         bind_call(CallSid=params["CallSid"], StreamSid=params.get("StreamSid"))
-        try:
-            self.store.record_stream_event(params)
-        except (StoreError, BotoCoreError) as error:
-            metrics.count("BookkeepingFailures")
-            logger.error("could not record a stream event", extra={"error": str(error)})
+        if not self._book(lambda: self.store.record_stream_event(params), "could not record a stream event"):
             return WebhookReply(500, "could not record the stream event; retry\n")
         if params.get("StreamEvent") == "stream-error":
             metrics.count("StreamErrors")
