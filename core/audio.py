@@ -72,12 +72,6 @@ def ulaw_silence(duration_ms: int) -> bytes:
     return bytes([ULAW_SILENCE]) * (SAMPLE_RATE * duration_ms // 1000)
 
 
-def ulaw_duration_ms(ulaw: bytes | int) -> float:
-    """How long µ-law audio lasts (8 bytes per ms)."""
-    length = ulaw if isinstance(ulaw, int) else len(ulaw)
-    return length * 1000 / SAMPLE_RATE
-
-
 # -- decimation -------------------------------------------------------------------------------------
 
 

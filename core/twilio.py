@@ -108,7 +108,6 @@ class Stop(_Inbound, tag="stop", frozen=True):
 
 
 InboundMessage = Connected | Start | Media | Dtmf | Mark | Stop
-INBOUND_EVENTS = ("connected", "start", "media", "dtmf", "mark", "stop")
 
 # strict=False: Twilio sends sequenceNumber/chunk/timestamp as JSON strings.
 _inbound_decoder: msgspec.json.Decoder[InboundMessage] = msgspec.json.Decoder(InboundMessage, strict=False)

@@ -107,13 +107,18 @@ class WebhookService:
             return False
         return True
 
-    def voice(self, request: IncomingRequest) -> WebhookReply:
+    def _params(self, request: IncomingRequest, required: Sequence[str]) -> dict[str, str] | WebhookReply:
+        """The request's parameters once it is signed and complete, or the reply refusing it."""
         checked = self._verified_params(request)
         if isinstance(checked, WebhookReply):
             return checked
-        params = self._single(checked, ["CallSid"])
-        if isinstance(params, str):
-            return self._bad(request, params)
+        params = self._single(checked, required)
+        return self._bad(request, params) if isinstance(params, str) else params
+
+    def voice(self, request: IncomingRequest) -> WebhookReply:
+        params = self._params(request, ["CallSid"])
+        if isinstance(params, WebhookReply):
+            return params
         bind_call(CallSid=params["CallSid"])
         self._book(lambda: self.store.record_call(params), "could not record the call; answering anyway")
         metrics.count("CallsStarted")
@@ -138,12 +143,9 @@ class WebhookService:
         return prefix + path
 
     def status(self, request: IncomingRequest) -> WebhookReply:
-        checked = self._verified_params(request)
-        if isinstance(checked, WebhookReply):
-            return checked
-        params = self._single(checked, ["CallSid", "CallStatus"])
-        if isinstance(params, str):
-            return self._bad(request, params)
+        params = self._params(request, ["CallSid", "CallStatus"])
+        if isinstance(params, WebhookReply):
+            return params
         if not params.get("SequenceNumber", "0").isdigit():
             return self._bad(request, f"SequenceNumber {params['SequenceNumber']!r} is not a whole number")
         bind_call(CallSid=params["CallSid"])
@@ -155,12 +157,9 @@ class WebhookService:
         return WebhookReply(204)
 
     def stream_status(self, request: IncomingRequest) -> WebhookReply:
-        checked = self._verified_params(request)
-        if isinstance(checked, WebhookReply):
-            return checked
-        params = self._single(checked, ["CallSid"])
-        if isinstance(params, str):
-            return self._bad(request, params)
+        params = self._params(request, ["CallSid"])
+        if isinstance(params, WebhookReply):
+            return params
         bind_call(CallSid=params["CallSid"], StreamSid=params.get("StreamSid"))
         if not self._book(lambda: self.store.record_stream_event(params), "could not record a stream event"):
             return WebhookReply(500, "could not record the stream event; retry\n")
