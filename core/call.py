@@ -1,12 +1,16 @@
 """The call runner: the asyncio code that owns one call and moves its bytes.
 
-It reads the Twilio media socket, opens the Deepgram and ElevenLabs sockets as soon as `start`
-arrives (in parallel, so the greeting is not delayed), feeds every event to the conversation
-engine stamped with the audio clock, and carries out the actions it returns. It decides nothing
-itself. Its tasks live in one TaskGroup: when the call ends, by `stop`, by the socket closing or by
-shutdown, everything of it is cancelled and closed, and the engine's summary goes to the call's
-item in DynamoDB. A fault in any provider or a malformed frame is logged with the call's ids and
-never ends the call, let alone another one.
+It reads the Twilio media socket, builds the call's three providers (speech-to-text, chat model,
+text-to-speech, `core/providers/roles.py`) as soon as `start` arrives and runs them in parallel, so
+the greeting is not delayed; it feeds every event to the conversation engine stamped with the audio
+clock, and carries out the actions it returns. It decides nothing itself and knows no vendor. Its
+tasks live in one TaskGroup: when the call ends, by `stop`, by the socket closing or by shutdown,
+everything of it is cancelled and closed, and the engine's summary goes to the call's item. A fault
+in any provider or a malformed frame is logged with the call's ids and never ends the call, let
+alone another one.
+
+Outside code reaches a live call through `core/registry.py`: `inject` feeds it an event, `observe`
+sees every event and the actions the engine answered with.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ import collections
 import contextlib
 import dataclasses
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 from core import metrics
-from core.audio import SAMPLE_RATE, VadConfig
+from core.audio import SAMPLE_RATE
 from core.config import ConversationSettings, ProviderSettings
 from core.engine import Conversation, TurnRules
 from core.events import (
@@ -30,29 +34,26 @@ from core.events import (
     CallStarted,
     CancelLlm,
     CancelTts,
+    ClearPlayback,
     CloseProviders,
     DtmfPressed,
+    EndReason,
     Event,
     FinalizeStt,
     FinishTts,
-    LlmDone,
-    LlmFailed,
-    LlmText,
     MarkPlayed,
+    PlaceMark,
+    PlayAudio,
     RecordMetric,
     SaveSummary,
-    SendClear,
-    SendMark,
-    SendMedia,
     SendToStt,
     SendTtsText,
     StartLlm,
 )
 from core.logs import bind_call, logger
-from core.providers.deepgram import DeepgramStream, listen_url
-from core.providers.elevenlabs import ElevenLabsStream, stream_url
-from core.providers.openai import LlmError, OpenAiChat
-from core.store import CallStore
+from core.providers.factory import VendorProviders
+from core.providers.roles import CallContext, CallProviders, ProviderFactory
+from core.records import CallSummary
 from core.twilio import (
     Connected,
     Dtmf,
@@ -80,36 +81,34 @@ class TwilioSocket(Protocol):
     async def send_text(self, data: str) -> None: ...
 
 
-def turn_rules(settings: ConversationSettings) -> TurnRules:
-    return TurnRules(
-        silence_threshold_ms=round(settings.silence_threshold * 1000),
-        barge_in_min_speech_ms=settings.barge_in_min_speech_ms,
-        speculate_after_ms=settings.speculate_after_ms,
-        greeting=settings.greeting,
-        system_prompt=settings.system_prompt,
-        vad=VadConfig(
-            margin_db=settings.vad_margin_db,
-            min_level_dbfs=settings.vad_min_level_dbfs,
-            min_speech_ms=settings.vad_min_speech_ms,
-        ),
-    )
+class CallRecorder(Protocol):
+    """Where a call's summary goes at its end (`core.store.CallStore`)."""
+
+    def complete_call(
+        self, call_sid: str, summary: CallSummary, parameters: Mapping[str, str] | None = None
+    ) -> None: ...
+
+
+Observer = Callable[[Event, list[Action]], None]
 
 
 @dataclasses.dataclass
 class CallServices:
-    """What every call shares: settings, the model client, the store."""
+    """What every call of a process shares: the rules, the providers' factory, the books."""
 
-    providers: ProviderSettings
-    conversation: ConversationSettings
-    chat: OpenAiChat
-    store: CallStore | None
+    rules: TurnRules
+    providers: ProviderFactory
+    store: CallRecorder | None
+
+    async def aclose(self) -> None:
+        await self.providers.aclose()
 
 
 class CallRunner:
     def __init__(self, socket: TwilioSocket, services: CallServices) -> None:
         self._socket = socket
         self._services = services
-        self.engine = Conversation(turn_rules(services.conversation))
+        self.engine = Conversation(services.rules)
         self.call_sid = ""
         self.stream_sid = ""
         self.parameters: dict[str, str] = {}
@@ -117,51 +116,75 @@ class CallRunner:
         self._frame_at_ms = 0
         self._outbox: collections.deque[str] = collections.deque()
         self._outbox_ready = asyncio.Event()
-        self._llm_tasks: dict[str, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._reader: asyncio.Task[None] | None = None
         self._last_frame = 0.0
-        self._deepgram: DeepgramStream | None = None
-        self._elevenlabs: ElevenLabsStream | None = None
+        self._providers: CallProviders | None = None
+        self._providers_closed: asyncio.Future[None] | None = None
+        self._observers: list[Observer] = []
         self._ending = asyncio.Event()
-        self._end_reason = "closed"
+        self._end_reason: EndReason = "closed"
         self._summary_saved: asyncio.Task[None] | None = None
         self.malformed_frames = 0
-        self.summary: dict[str, Any] | None = None
+        self.summary: CallSummary | None = None
 
     def now_ms(self) -> int:
         return self._clock_ms
 
-    def end(self, reason: str = "shutdown") -> None:
+    @property
+    def live(self) -> bool:
+        return self._group is not None and self._summary_saved is None
+
+    def end(self, reason: EndReason = "shutdown") -> None:
         """Ask the call to end (drain deadline); the runner finishes it cleanly."""
         self._end_reason = reason
         self._ending.set()
         if self._reader is not None:
             self._reader.cancel()
 
+    def inject(self, event: Event) -> bool:
+        """Feed the live call an event from outside, stamped now on its audio clock; False once it ended."""
+        if not self.live:
+            return False
+        self._feed(dataclasses.replace(event, at_ms=self._clock_ms))
+        return True
+
+    def observe(self, observer: Observer) -> Callable[[], None]:
+        """Call `observer(event, actions)` for every event the engine handles; returns the way to stop."""
+        self._observers.append(observer)
+
+        def stop() -> None:
+            with contextlib.suppress(ValueError):
+                self._observers.remove(observer)
+
+        return stop
+
     # -- the call's life ------------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, on_started: Callable[[CallRunner], None] | None = None) -> None:
         start = await self._wait_for_start()
         if start is None:
             return
         self._begin(start)
+        providers = self._providers
+        assert providers is not None
         started = time.monotonic()
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
+                if on_started is not None:
+                    on_started(self)
                 self._spawn(self._write(), "twilio-writer")
                 self._spawn(self._watch_for_silence(), "watchdog")
-                assert self._deepgram is not None and self._elevenlabs is not None
-                self._spawn(self._deepgram.run(), "deepgram")
-                self._spawn(self._elevenlabs.run(), "elevenlabs")
+                for provider in providers.all():
+                    self._spawn(provider.run(), type(provider).__name__)
                 self._feed(CallStarted(self._clock_ms, self.call_sid, self.stream_sid, self.parameters))
                 if not self._ending.is_set():
                     self._reader = group.create_task(self._read_until_end(), name="twilio-reader")
                     with contextlib.suppress(asyncio.CancelledError):
                         await self._reader
-                self._feed(CallEnded(self._clock_ms, self._end_reason))  # type: ignore[arg-type]
+                self._feed(CallEnded(self._clock_ms, self._end_reason))
                 await self._close_providers()
                 if self._summary_saved is not None:
                     await self._summary_saved
@@ -169,6 +192,7 @@ class CallRunner:
                     task.cancel()
         finally:
             self._group = None
+            self._observers.clear()
             metrics.milliseconds("CallDuration", (time.monotonic() - started) * 1000)
             logger.info("call ended", extra={"reason": self._end_reason, "malformed_frames": self.malformed_frames})
 
@@ -198,31 +222,8 @@ class CallRunner:
         bind_call(CallSid=self.call_sid, StreamSid=self.stream_sid)
         logger.info("call started", extra={"tracks": info.tracks})
         metrics.count("MediaStreamsStarted")
-        providers, rules = self._services.providers, self.engine.rules
-        self._deepgram = DeepgramStream(
-            listen_url(
-                providers.deepgram_url,
-                model=providers.deepgram_model,
-                utterance_end_ms=rules.silence_threshold_ms,
-                endpointing_ms=300,
-                tag=self.call_sid,
-            ),
-            providers.deepgram_api_key,
-            self._feed,
-            self.now_ms,
-        )
-        self._elevenlabs = ElevenLabsStream(
-            stream_url(
-                providers.elevenlabs_url,
-                providers.elevenlabs_voice_id,
-                model_id=providers.elevenlabs_model_id,
-                output_format=providers.elevenlabs_output_format,
-                inactivity_timeout=180,
-            ),
-            providers.elevenlabs_api_key,
-            providers.elevenlabs_output_format,
-            self._feed,
-            self.now_ms,
+        self._providers = self._services.providers.for_call(
+            CallContext(self.call_sid, self.engine.rules.silence_threshold_ms, self._feed, self.now_ms)
         )
 
     async def _read_until_end(self) -> None:
@@ -288,51 +289,47 @@ class CallRunner:
     # -- engine actions ---------------------------------------------------------------------------
 
     def _feed(self, event: Event) -> None:
-        for action in self.engine.handle(event):
+        actions = self.engine.handle(event)
+        for action in actions:
             self._do(action)
+        if self._observers:
+            for observer in list(self._observers):
+                try:
+                    observer(event, actions)
+                except Exception:  # an observer's bug must not touch the call
+                    logger.exception("a call observer failed; it is removed")
+                    self._observers.remove(observer)
 
     def _do(self, action: Action) -> None:
+        providers = self._providers
+        assert providers is not None
         match action:
             case SendToStt(ulaw=ulaw):
-                if self._deepgram is not None:
-                    self._deepgram.send_audio(ulaw, self._frame_at_ms)
-            case SendMedia(ulaw=ulaw):
+                providers.stt.send_audio(ulaw, self._frame_at_ms)
+            case PlayAudio(ulaw=ulaw):
                 self._send(encode_media(self.stream_sid, ulaw))
-            case SendMark(name=name):
+            case PlaceMark(name=name):
                 self._send(encode_mark(self.stream_sid, name))
-            case SendClear():
+            case ClearPlayback():
                 self._outbox.clear()  # audio not yet handed to Twilio need not be cleared there
                 self._send(encode_clear(self.stream_sid))
             case SendTtsText(reply_id=reply_id, text=text):
-                if self._elevenlabs is not None:
-                    self._elevenlabs.send_text(reply_id, text)
+                providers.tts.send_text(reply_id, text)
             case FinishTts(reply_id=reply_id):
-                if self._elevenlabs is not None:
-                    self._elevenlabs.finish(reply_id)
+                providers.tts.finish(reply_id)
             case CancelTts(reply_id=reply_id):
-                if self._elevenlabs is not None:
-                    self._elevenlabs.cancel(reply_id)
+                providers.tts.cancel(reply_id)
             case StartLlm(reply_id=reply_id, messages=messages):
-                previous = self._llm_tasks.pop(reply_id, None)
-                if previous is not None:
-                    previous.cancel()
-                self._llm_tasks[reply_id] = self._spawn(self._answer(reply_id, messages), f"llm-{reply_id}")
+                providers.chat.start(reply_id, messages)
             case CancelLlm(reply_id=reply_id):
-                task = self._llm_tasks.pop(reply_id, None)
-                if task is not None:
-                    task.cancel()
+                providers.chat.cancel(reply_id)
             case FinalizeStt():
-                if self._deepgram is not None:
-                    self._deepgram.finalize()
-            case RecordMetric(name=name, value=value):
-                if name.endswith("_ms"):
-                    metrics.milliseconds(_metric_name(name), value)
-                else:
-                    metrics.count(_metric_name(name), value)
+                providers.stt.finalize()
+            case RecordMetric(name=name, value=value, unit=unit):
+                metrics.record(name, value, unit)
             case CloseProviders():
-                for task in self._llm_tasks.values():
-                    task.cancel()
-                self._llm_tasks.clear()
+                if self._providers_closed is None:
+                    self._providers_closed = asyncio.ensure_future(self._close_all(providers))
             case SaveSummary(summary=summary):
                 self.summary = summary
                 self._summary_saved = asyncio.ensure_future(self._save(summary))
@@ -353,24 +350,19 @@ class CallRunner:
                     self._outbox.clear()
                     return
 
-    async def _answer(self, reply_id: str, messages: list[dict[str, str]]) -> None:
-        try:
-            async for text in self._services.chat.stream(messages):
-                self._feed(LlmText(self._clock_ms, reply_id, text))
-        except LlmError as error:
-            logger.warning("the model failed", extra={"reply_id": reply_id, "error": str(error)})
-            self._llm_tasks.pop(reply_id, None)
-            self._feed(LlmFailed(self._clock_ms, reply_id, str(error)))
-            return
-        self._llm_tasks.pop(reply_id, None)
-        self._feed(LlmDone(self._clock_ms, reply_id))
-
     async def _close_providers(self) -> None:
-        closers = [stream.close() for stream in (self._deepgram, self._elevenlabs) if stream is not None]
+        if self._providers_closed is None and self._providers is not None:
+            self._providers_closed = asyncio.ensure_future(self._close_all(self._providers))
+        if self._providers_closed is not None:
+            await self._providers_closed
+
+    @staticmethod
+    async def _close_all(providers: CallProviders) -> None:
+        closers = [provider.close() for provider in providers.all()]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*closers, return_exceptions=True), timeout=_CLOSE_TIMEOUT_S)
 
-    async def _save(self, summary: dict[str, Any]) -> None:
+    async def _save(self, summary: CallSummary) -> None:
         store = self._services.store
         if store is None or not self.call_sid:
             return
@@ -398,45 +390,8 @@ async def _guarded(work: Awaitable[None], name: str) -> None:
         logger.exception("a call task failed; the call goes on", extra={"task": name})
 
 
-def _metric_name(name: str) -> str:
-    return "".join(part.capitalize() for part in name.removesuffix("_ms").split("_"))
-
-
-class CallRegistry:
-    """The live calls of one process: how many, and a way to end them all (the drain deadline)."""
-
-    def __init__(self) -> None:
-        self._runners: set[CallRunner] = set()
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    def __len__(self) -> int:
-        return len(self._runners)
-
-    async def run(self, runner: CallRunner) -> None:
-        self._runners.add(runner)
-        self.idle.clear()
-        try:
-            await runner.run()
-        finally:
-            self._runners.discard(runner)
-            if not self._runners:
-                self.idle.set()
-
-    def end_all(self, reason: str = "shutdown") -> None:
-        for runner in list(self._runners):
-            runner.end(reason)
-
-    async def wait_idle(self) -> None:
-        await self.idle.wait()
-
-
 def call_services(
-    providers: ProviderSettings, conversation: ConversationSettings, store: CallStore | None
+    providers: ProviderSettings, conversation: ConversationSettings, store: CallRecorder | None
 ) -> CallServices:
-    return CallServices(
-        providers=providers,
-        conversation=conversation,
-        chat=OpenAiChat(providers.openai_api_key, providers.openai_model, providers.openai_base_url),
-        store=store,
-    )
+    """The production services: rules from the settings, the vendors' providers, the call's books."""
+    return CallServices(rules=TurnRules.from_settings(conversation), providers=VendorProviders(providers), store=store)

@@ -16,6 +16,7 @@ from websockets.exceptions import InvalidStatus, InvalidURI
 
 from core.config import ProviderSettings
 from core.providers import deepgram, elevenlabs
+from core.providers.factory import stt_url, tts_url
 from core.providers.openai import OpenAiChat
 
 
@@ -70,16 +71,8 @@ async def _timed(
 
 
 async def run_checks(settings: ProviderSettings, timeout_s: float = 10.0) -> list[CheckResult]:
-    listen = deepgram.listen_url(
-        settings.deepgram_url, model=settings.deepgram_model, utterance_end_ms=1000, endpointing_ms=300
-    )
-    speak = elevenlabs.stream_url(
-        settings.elevenlabs_url,
-        settings.elevenlabs_voice_id,
-        model_id=settings.elevenlabs_model_id,
-        output_format=settings.elevenlabs_output_format,
-        inactivity_timeout=20,
-    )
+    listen = stt_url(settings, silence_threshold_ms=1000)
+    speak = tts_url(settings, inactivity_timeout_s=20)
 
     async def openai_exchange() -> None:
         chat = OpenAiChat(

@@ -1,5 +1,11 @@
 """The conversation engine's vocabulary: the events it is fed and the actions it returns.
 
+Events come from the caller (Twilio) and from the three provider roles (speech-to-text, chat model,
+text-to-speech); each role also reports `ProviderFailed` when it fails for good (a refused key, a
+permanent close, exhausted retries). Actions are the engine's decisions in its own words: `PlayAudio`,
+`PlaceMark` and `ClearPlayback` are what to do to the caller's playback, and `core.twilio` names the
+wire frames that carry them (`OutboundMedia`, `OutboundMark`, `OutboundClear`).
+
 Every event carries `at_ms`, a time on the call's audio clock (milliseconds since the media stream
 began, from Twilio's `media.timestamp`). Events that do not come from caller audio (a transcript, a
 mark echo, TTS audio) are stamped by the adapter with the clock's current reading, the end of the
@@ -8,8 +14,11 @@ last caller frame. Classes are plain slotted dataclasses: a few are made for eve
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
+
+from core.records import CallSummary, ChatMessage
 
 # -- events (fed to the engine) ---------------------------------------------------------------------
 
@@ -119,10 +128,28 @@ class DtmfPressed:
     digit: str
 
 
+class ProviderRole(enum.StrEnum):
+    STT = "speech-to-text"
+    CHAT = "chat model"
+    TTS = "text-to-speech"
+
+
+@dataclass(slots=True)
+class ProviderFailed:
+    """A provider role failed for good: reconnecting or retrying will not bring it back this call."""
+
+    at_ms: int
+    role: ProviderRole
+    reason: str
+
+
+EndReason = Literal["stop", "closed", "shutdown", "error"]
+
+
 @dataclass(slots=True)
 class CallEnded:
     at_ms: int
-    reason: Literal["stop", "closed", "shutdown", "error"]
+    reason: EndReason
 
 
 Event = (
@@ -138,6 +165,7 @@ Event = (
     | TtsFailed
     | MarkPlayed
     | DtmfPressed
+    | ProviderFailed
     | CallEnded
 )
 
@@ -157,7 +185,7 @@ class FinalizeStt:
 @dataclass(slots=True)
 class StartLlm:
     reply_id: str
-    messages: list[dict[str, str]]
+    messages: tuple[ChatMessage, ...]
 
 
 @dataclass(slots=True)
@@ -186,24 +214,36 @@ class CancelTts:
 
 
 @dataclass(slots=True)
-class SendMedia:
+class PlayAudio:
+    """Audio for the caller, µ-law 8 kHz, queued after what is already playing."""
+
     ulaw: bytes
 
 
 @dataclass(slots=True)
-class SendMark:
+class PlaceMark:
+    """A named point in the caller's playback; Twilio echoes it when playback reaches it (or on clear)."""
+
     name: str
 
 
 @dataclass(slots=True)
-class SendClear:
-    pass
+class ClearPlayback:
+    """Stop the caller's playback now and drop what is queued (Twilio echoes every pending mark)."""
+
+
+class Unit(enum.StrEnum):
+    MILLISECONDS = "Milliseconds"
+    COUNT = "Count"
 
 
 @dataclass(slots=True)
 class RecordMetric:
+    """A CloudWatch metric: `name` as it appears in CloudWatch, with its unit."""
+
     name: str
     value: float
+    unit: Unit
     reply_id: str | None = None
 
 
@@ -214,7 +254,7 @@ class CloseProviders:
 
 @dataclass(slots=True)
 class SaveSummary:
-    summary: dict[str, Any]
+    summary: CallSummary
 
 
 Action = (
@@ -225,9 +265,9 @@ Action = (
     | SendTtsText
     | FinishTts
     | CancelTts
-    | SendMedia
-    | SendMark
-    | SendClear
+    | PlayAudio
+    | PlaceMark
+    | ClearPlayback
     | RecordMetric
     | CloseProviders
     | SaveSummary

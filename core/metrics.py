@@ -12,6 +12,8 @@ import os
 from aws_lambda_powertools import Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 
+from core.events import Unit
+
 metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "Parley"))
 
 
@@ -27,3 +29,11 @@ def flush() -> None:
     """Print what has accumulated as one EMF line (nothing when nothing was recorded)."""
     if metrics.metric_set:
         metrics.flush_metrics()
+
+
+_UNITS = {Unit.MILLISECONDS: MetricUnit.Milliseconds, Unit.COUNT: MetricUnit.Count}
+
+
+def record(name: str, value: float, unit: Unit) -> None:
+    """A metric the conversation engine asked for, in the unit it named."""
+    metrics.add_metric(name=name, unit=_UNITS[unit], value=value)

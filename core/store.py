@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
+from core.records import CallSummary, Speaker, TurnRecord
+
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
 
@@ -184,21 +186,16 @@ class CallStore:
             values[":stream_sid"] = params["StreamSid"]
         self._update(params["CallSid"], f"{expression} ADD stream_log :entry", values)
 
-    def complete_call(
-        self, call_sid: str, summary: Mapping[str, Any], parameters: Mapping[str, str] | None = None
-    ) -> None:
+    def complete_call(self, call_sid: str, summary: CallSummary, parameters: Mapping[str, str] | None = None) -> None:
         """The media service's record at call end; creates the item if the webhook's is missing."""
         values: dict[str, Any] = {
-            ":transcript": summary.get("transcript", ""),
-            ":turns": list(summary.get("turns", [])),
-            ":turn_count": int(summary.get("turn_count", 0)),
-            ":latency": {
-                "reply_ms": list(summary.get("reply_latency_ms", [])),
-                "barge_in_ms": list(summary.get("barge_in_ms", [])),
-            },
-            ":interruptions": int(summary.get("interruptions", 0)),
-            ":end_reason": summary.get("end_reason") or "unknown",
-            ":media_duration_ms": int(summary.get("duration_ms", 0)),
+            ":transcript": summary.transcript,
+            ":turns": [_turn_item(turn) for turn in summary.turns],
+            ":turn_count": summary.turn_count,
+            ":latency": {"reply_ms": list(summary.reply_latency_ms), "barge_in_ms": list(summary.barge_in_ms)},
+            ":interruptions": summary.interruptions,
+            ":end_reason": summary.end_reason or "unknown",
+            ":media_duration_ms": summary.duration_ms,
         }
         sets = [
             self._CREATED,
@@ -211,6 +208,9 @@ class CallStore:
             "media_duration_ms = :media_duration_ms",
             "media_completed_at = :now",
         ]
+        if summary.provider_failures:
+            sets.append("provider_failures = :provider_failures")
+            values[":provider_failures"] = list(summary.provider_failures)
         for name, key in (("from_number", "From"), ("to_number", "To"), ("stream_sid", "StreamSid")):
             if parameters and parameters.get(key):
                 sets.append(f"{name} = if_not_exists({name}, :{name})")
@@ -239,6 +239,19 @@ class CallStore:
             sequence, status, timestamp, duration = entry.split("|", 3)
             history.append({"sequence": int(sequence), "status": status, "timestamp": timestamp, "duration": duration})
         return history
+
+
+def _turn_item(turn: TurnRecord) -> dict[str, Any]:
+    """A turn as the item keeps it: its fields by name, the ones that do not apply left out."""
+    item: dict[str, Any] = {"role": turn.speaker.value, "text": turn.text}
+    for name in ("at_ms", "reply_id", "full_text", "reply_latency_ms"):
+        value = getattr(turn, name)
+        if value is not None:
+            item[name] = value
+    if turn.speaker is Speaker.AGENT:
+        item["kind"] = turn.kind.value if turn.kind is not None else None
+        item["interrupted"] = turn.interrupted
+    return item
 
 
 def create_table(client: DynamoDBClient, table: str) -> None:

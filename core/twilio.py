@@ -143,35 +143,35 @@ class OutboundMarkName(msgspec.Struct, frozen=True):
     name: str
 
 
-class SendMedia(_Outbound, tag="media", frozen=True):
+class OutboundMedia(_Outbound, tag="media", frozen=True):
     stream_sid: str
     media: OutboundPayload
 
 
-class SendMark(_Outbound, tag="mark", frozen=True):
+class OutboundMark(_Outbound, tag="mark", frozen=True):
     stream_sid: str
     mark: OutboundMarkName
 
 
-class SendClear(_Outbound, tag="clear", frozen=True):
+class OutboundClear(_Outbound, tag="clear", frozen=True):
     stream_sid: str
 
 
-OutboundMessage = SendMedia | SendMark | SendClear
+OutboundMessage = OutboundMedia | OutboundMark | OutboundClear
 _outbound_encoder = msgspec.json.Encoder()
 
 
 def encode_media(stream_sid: str, ulaw: bytes) -> str:
     """A `media` frame carrying headerless µ-law 8 kHz audio (base64 on the wire)."""
-    return _outbound_encoder.encode(SendMedia(stream_sid, OutboundPayload(ulaw))).decode()
+    return _outbound_encoder.encode(OutboundMedia(stream_sid, OutboundPayload(ulaw))).decode()
 
 
 def encode_mark(stream_sid: str, name: str) -> str:
-    return _outbound_encoder.encode(SendMark(stream_sid, OutboundMarkName(name))).decode()
+    return _outbound_encoder.encode(OutboundMark(stream_sid, OutboundMarkName(name))).decode()
 
 
 def encode_clear(stream_sid: str) -> str:
-    return _outbound_encoder.encode(SendClear(stream_sid)).decode()
+    return _outbound_encoder.encode(OutboundClear(stream_sid)).decode()
 
 
 _any_outbound_decoder: msgspec.json.Decoder[OutboundMessage] = msgspec.json.Decoder(OutboundMessage)

@@ -16,9 +16,10 @@ import boto3
 from litestar import Litestar, Response, WebSocket, get, websocket
 
 from core import metrics
-from core.call import CallRegistry, CallRunner, CallServices, call_services
+from core.call import CallRunner, CallServices, call_services
 from core.config import ConversationSettings, MediaSettings, ProviderSettings, secret_values
 from core.logs import logger, redact_secrets
+from core.registry import CallRegistry
 from core.server import Drain
 from core.store import CallStore
 from core.twilio import validate_upgrade
@@ -66,7 +67,7 @@ def make_app(settings: MediaSettings, services: CallServices, registry: CallRegi
         finally:
             task.cancel()
             metrics.flush()
-            await services.chat.close()
+            await services.aclose()
 
     # logging_config=None: our JSON logger is the only one; Litestar's default would add a second, plain one.
     return Litestar(

@@ -29,7 +29,7 @@ import numpy as np
 import websockets
 
 from core.audio import ulaw_to_samples
-from core.twilio import SIGNATURE_HEADER, SendClear, SendMark, SendMedia, compute_signature, decode_outbound
+from core.twilio import SIGNATURE_HEADER, OutboundClear, OutboundMark, OutboundMedia, compute_signature, decode_outbound
 from infra.wav import read_ulaw, write_pcm16
 
 VOICES = Path(__file__).parent / "voices"
@@ -312,13 +312,13 @@ class SimulatedCaller:
             async for raw in socket:
                 message = decode_outbound(raw)
                 now = self.now()
-                if isinstance(message, SendMedia):
+                if isinstance(message, OutboundMedia):
                     self._on_media(now, message.media.payload)
-                elif isinstance(message, SendMark):
+                elif isinstance(message, OutboundMark):
                     at = max(self._play_end, now)
                     handle = loop.call_at(self._t0 + at / 1000, self._echo_mark, message.mark.name)
                     self._pending_marks.append((at, message.mark.name, handle))
-                elif isinstance(message, SendClear):
+                elif isinstance(message, OutboundClear):
                     self._on_clear(now)
         except websockets.ConnectionClosed:
             pass

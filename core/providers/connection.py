@@ -4,8 +4,9 @@ It connects (headers, no compression: audio does not compress), pumps an outbox 
 the socket's messages to the subclass, sends a keep-alive whenever nothing went out for a while (a
 timer, not a timeout per message), and when the socket drops it reconnects with backoff, letting the
 subclass rebuild its outbox for the new socket first (replay audio, re-send unvoiced text). A refusal
-that reconnecting cannot fix (HTTP 400/401/403/404 at the handshake) ends it for good. On `close()`
-the outbox is drained and the subclass's last messages are read before the socket goes.
+that reconnecting cannot fix (HTTP 400/401/403/404 at the handshake), or `max_attempts` failed
+connections in a row, ends it for good: the role's `ProviderFailed` event says so, naming what to
+check. On `close()` the outbox is drained and the subclass's last messages are read before the socket goes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from core.events import ProviderFailed, ProviderRole
 from core.logs import logger
+from core.providers.roles import Clock, EventSink
 
 Item = TypeVar("Item")
 _PERMANENT = (400, 401, 403, 404)
@@ -26,14 +29,19 @@ _PERMANENT = (400, 401, 403, 404)
 
 class ProviderConnection(Generic[Item]):
     name = "provider"
+    role: ProviderRole
+    settings_hint = "the provider's key and URL"  # what a person should check when it is refused
     keepalive_message = ""
 
     def __init__(
         self,
         url: str,
         headers: dict[str, str],
+        on_event: EventSink,
+        now_ms: Clock,
         *,
         keepalive_s: float,
+        max_attempts: int = 8,
         max_backoff_s: float = 2.0,
         open_timeout_s: float = 5.0,
         max_size: int = 2**22,
@@ -41,6 +49,9 @@ class ProviderConnection(Generic[Item]):
     ) -> None:
         self._url = url
         self._headers = headers
+        self._on_event = on_event
+        self._now_ms = now_ms
+        self._max_attempts = max_attempts
         self._keepalive_s = keepalive_s
         self._max_backoff_s = max_backoff_s
         self._open_timeout_s = open_timeout_s
@@ -51,6 +62,7 @@ class ProviderConnection(Generic[Item]):
         self._last_send = 0.0
         self.reconnects = 0
         self.connected = asyncio.Event()
+        self.failure: str | None = None  # why it stopped for good
 
     # -- what subclasses provide --------------------------------------------------------------------
 
@@ -60,8 +72,8 @@ class ProviderConnection(Generic[Item]):
     def _on_message(self, raw: str | bytes) -> None:
         raise NotImplementedError
 
-    def _on_refused(self, status: int) -> None:
-        """The provider refused us for good."""
+    def _on_failed(self, reason: str) -> None:
+        """The provider is gone for good: settle whatever waits on it (after `ProviderFailed` is sent)."""
 
     def _encode(self, item: Item) -> str | bytes:
         assert isinstance(item, str | bytes)
@@ -79,8 +91,16 @@ class ProviderConnection(Generic[Item]):
         self._closing = True
         self._outbox.put_nowait(None)
 
+    def _fail(self, reason: str) -> None:
+        self.failure = reason
+        self.connected.set()  # nobody waits for a connection that will not come
+        logger.error(f"{self.name} failed for good; check {self.settings_hint}", extra={"reason": reason})
+        self._on_event(ProviderFailed(self._now_ms(), self.role, reason))
+        self._on_failed(reason)
+
     async def run(self) -> None:
         backoff = 0.1
+        failures = 0
         while not self._closing:
             try:
                 async with websockets.connect(
@@ -93,15 +113,14 @@ class ProviderConnection(Generic[Item]):
                 ) as socket:
                     self._on_connect()
                     self.connected.set()
-                    backoff = 0.1
+                    backoff, failures = 0.1, 0
                     await self._pump(socket)
                     if self._closing:
                         return
             except InvalidStatus as error:
                 status = error.response.status_code
                 if status in _PERMANENT:
-                    self._on_refused(status)
-                    self.connected.set()
+                    self._fail(f"{self.name} refused the connection with HTTP {status}")
                     return
                 logger.warning(f"{self.name} handshake failed; retrying", extra={"status": status})
             except (OSError, ConnectionClosed, TimeoutError) as error:
@@ -109,6 +128,10 @@ class ProviderConnection(Generic[Item]):
                     return
                 logger.warning(f"{self.name} socket dropped; reconnecting", extra={"error": repr(error)})
             self.connected.clear()
+            failures += 1
+            if failures >= self._max_attempts:
+                self._fail(f"{self.name} could not be reached in {failures} attempts")
+                return
             self.reconnects += 1
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff_s)

@@ -14,7 +14,6 @@ twice. KeepAlive goes out whenever no audio has for a few seconds (Deepgram clos
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -22,9 +21,10 @@ import msgspec
 import websockets
 
 from core.audio import SAMPLE_RATE, ulaw_silence
-from core.events import Transcript, UtteranceEnd, Word
+from core.events import ProviderRole, Transcript, UtteranceEnd, Word
 from core.logs import logger
 from core.providers.connection import ProviderConnection
+from core.providers.roles import Clock, EventSink
 
 # -- Deepgram's messages (only the fields we read; msgspec ignores the rest) ----------------------
 
@@ -91,17 +91,20 @@ def listen_url(base_url: str, *, model: str, utterance_end_ms: int, endpointing_
 
 
 class DeepgramStream(ProviderConnection[bytes | str]):
-    """One call's transcription. Call `send_audio` per frame; results arrive through `on_event`."""
+    """One call's transcription (the `SpeechToText` role). Call `send_audio` per frame; results
+    arrive through `on_event`."""
 
     name = "Deepgram"
+    role = ProviderRole.STT
+    settings_hint = "DEEPGRAM_API_KEY and DEEPGRAM_URL"
     keepalive_message = _KEEP_ALIVE
 
     def __init__(
         self,
         url: str,
         api_key: str,
-        on_event: Callable[[Transcript | UtteranceEnd], None],
-        now_ms: Callable[[], int],
+        on_event: EventSink,
+        now_ms: Clock,
         *,
         keepalive_s: float = 4.0,
         batch_ms: int = 80,
@@ -111,20 +114,19 @@ class DeepgramStream(ProviderConnection[bytes | str]):
         super().__init__(
             url,
             {"Authorization": f"Token {api_key}"},
+            on_event,
+            now_ms,
             keepalive_s=keepalive_s,
             max_backoff_s=max_backoff_s,
             open_timeout_s=open_timeout_s,
             close_timeout_s=_CLOSE_TIMEOUT_S,
         )
-        self._on_event = on_event
-        self._now_ms = now_ms
         self._batch_bytes = batch_ms * SAMPLE_RATE // 1000
         self._batch = bytearray()
         self._unconfirmed: collections.deque[tuple[int, bytes]] = collections.deque()
         self._confirmed_ms = 0  # audio-clock time up to which finals have covered the audio
         self._origin_ms: int | None = None  # audio-clock time of this socket's first frame
         self._next_at_ms: int | None = None
-        self.failed: DeepgramError | None = None
 
     # -- the caller side (synchronous, called from the media loop) -------------------------------
 
@@ -175,10 +177,6 @@ class DeepgramStream(ProviderConnection[bytes | str]):
             self._outbox.put_nowait(ulaw)
         for item in controls:  # control messages stay; the audio queued with them is in the replay
             self._outbox.put_nowait(item)
-
-    def _on_refused(self, status: int) -> None:
-        self.failed = DeepgramError(f"Deepgram refused the connection with HTTP {status}")
-        logger.error("Deepgram refused the connection; check DEEPGRAM_API_KEY/DEEPGRAM_URL", extra={"status": status})
 
     def _on_message(self, raw: str | bytes) -> None:
         try:

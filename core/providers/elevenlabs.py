@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import re
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -25,9 +24,10 @@ import msgspec
 import websockets
 
 from core.audio import TtsAudioConverter
-from core.events import AlignedChar, TtsAudio, TtsDone, TtsFailed
+from core.events import AlignedChar, ProviderRole, TtsAudio, TtsDone, TtsFailed
 from core.logs import logger
 from core.providers.connection import ProviderConnection
+from core.providers.roles import Clock, EventSink
 
 VOICE_SETTINGS = {"stability": 0.5, "similarity_boost": 0.75, "style": 0.0, "use_speaker_boost": True, "speed": 1.0}
 # Send text at the end of a phrase; a long run without punctuation goes at a word boundary.
@@ -85,7 +85,11 @@ class _Context:
 
 
 class ElevenLabsStream(ProviderConnection[dict[str, Any]]):
+    """One call's voice (the `TextToSpeech` role): one context per reply."""
+
     name = "ElevenLabs"
+    role = ProviderRole.TTS
+    settings_hint = "ELEVENLABS_API_KEY, ELEVENLABS_VOICE_ID and ELEVENLABS_URL"
     keepalive_message = '{"text": ""}'  # keeps an idle socket open
 
     def __init__(
@@ -93,8 +97,8 @@ class ElevenLabsStream(ProviderConnection[dict[str, Any]]):
         url: str,
         api_key: str,
         output_format: str,
-        on_event: Callable[[TtsAudio | TtsDone | TtsFailed], None],
-        now_ms: Callable[[], int],
+        on_event: EventSink,
+        now_ms: Clock,
         *,
         keepalive_s: float = 10.0,
         max_backoff_s: float = 2.0,
@@ -103,17 +107,16 @@ class ElevenLabsStream(ProviderConnection[dict[str, Any]]):
         super().__init__(
             url,
             {"xi-api-key": api_key},
+            on_event,
+            now_ms,
             keepalive_s=keepalive_s,
             max_backoff_s=max_backoff_s,
             open_timeout_s=open_timeout_s,
             max_size=16 * 2**20,
         )
         self._output_format = output_format
-        self._on_event = on_event
-        self._now_ms = now_ms
         self._contexts: dict[str, _Context] = {}
         self._cancelled: set[str] = set()
-        self.failed: ElevenLabsError | None = None
 
     # -- what the call runner asks ----------------------------------------------------------------
 
@@ -171,12 +174,10 @@ class ElevenLabsStream(ProviderConnection[dict[str, Any]]):
 
     # -- the socket -----------------------------------------------------------------------------
 
-    def _on_refused(self, status: int) -> None:
-        self.failed = ElevenLabsError(f"ElevenLabs refused the connection with HTTP {status}")
-        logger.error(
-            "ElevenLabs refused the connection; check ELEVENLABS_API_KEY/VOICE_ID/URL", extra={"status": status}
-        )
-        self._fail_all(f"HTTP {status}")
+    def _on_failed(self, reason: str) -> None:
+        for context in list(self._contexts.values()):
+            self._forget(context)
+            self._on_event(TtsFailed(self._now_ms(), context.id, reason))
 
     def _encode(self, item: dict[str, Any]) -> str:
         return _encode(item).decode()
@@ -236,11 +237,6 @@ class ElevenLabsStream(ProviderConnection[dict[str, Any]]):
             context.done = True
             self._forget(context)
             self._on_event(TtsDone(self._now_ms(), context_id))
-
-    def _fail_all(self, reason: str) -> None:
-        for context in list(self._contexts.values()):
-            self._forget(context)
-            self._on_event(TtsFailed(self._now_ms(), context.id, reason))
 
 
 def split_phrases(text: str) -> tuple[list[str], str]:

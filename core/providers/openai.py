@@ -5,11 +5,16 @@ and the first text must arrive within `first_text_timeout_s`. The SDK retries on
 is streamed (connection errors, 429, 5xx); after that a failure surfaces as `LlmError` with a reason
 a person can act on. Cancelling the consuming task closes the HTTP response at once, which is the
 only way to stop a Chat Completions stream.
+
+`OpenAiChat` is shared by every call of a process (one HTTP connection pool); `OpenAiReplies` is one
+call's `ChatModel` role on top of it: a task per reply, whose text, end or failure become engine
+events. A key or model the API refuses (HTTP 401, 403, 404) is also the role's `ProviderFailed`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
@@ -17,9 +22,36 @@ import openai
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
+from core.events import LlmDone, LlmFailed, LlmText, ProviderFailed, ProviderRole
+from core.logs import logger
+from core.providers.roles import Clock, EventSink
+from core.records import ChatMessage, Role
+
+_PERMANENT = (401, 403, 404)
+
 
 class LlmError(Exception):
     """The model could not answer: what happened, in words fit for a log line."""
+
+    def __init__(self, reason: str, *, permanent: bool = False) -> None:
+        super().__init__(reason)
+        self.permanent = permanent  # retrying will not help: a refused key, an unknown model
+
+
+def wire_messages(messages: Sequence[ChatMessage]) -> list[ChatCompletionMessageParam]:
+    """Our history in Chat Completions' form: tool calls on assistant messages, tool results by id."""
+    wire: list[dict[str, Any]] = []
+    for message in messages:
+        entry: dict[str, Any] = {"role": message.role.value, "content": message.content}
+        if message.tool_calls:
+            entry["tool_calls"] = [
+                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                for call in message.tool_calls
+            ]
+        if message.role is Role.TOOL:
+            entry["tool_call_id"] = message.tool_call_id
+        wire.append(entry)
+    return cast("list[ChatCompletionMessageParam]", wire)
 
 
 class OpenAiChat:
@@ -44,13 +76,13 @@ class OpenAiChat:
             max_retries=max_retries,
         )
 
-    async def stream(self, messages: Sequence[dict[str, str]]) -> AsyncIterator[str]:
+    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
         """The reply's text as it is written; raises `LlmError` when the model fails."""
         try:
             async with asyncio.timeout(self._first_text_timeout_s) as deadline:
                 stream = await self._client.chat.completions.create(
                     model=self.model,
-                    messages=cast("list[ChatCompletionMessageParam]", list(messages)),  # role/content dicts
+                    messages=wire_messages(messages),
                     stream=True,
                     stream_options={"include_usage": True},
                     max_tokens=self._max_tokens,
@@ -66,7 +98,10 @@ class OpenAiChat:
         except TimeoutError:
             raise LlmError(f"no text from {self.model} within {self._first_text_timeout_s:.0f} s") from None
         except openai.APIStatusError as error:
-            raise LlmError(f"{self.model} answered HTTP {error.status_code}: {error.message}") from None
+            raise LlmError(
+                f"{self.model} answered HTTP {error.status_code}: {error.message}",
+                permanent=error.status_code in _PERMANENT,
+            ) from None
         except openai.APITimeoutError:
             raise LlmError(f"{self.model} timed out") from None
         except openai.APIConnectionError as error:
@@ -82,3 +117,59 @@ class OpenAiChat:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+class OpenAiReplies:
+    """One call's `ChatModel`: each reply streams in a task of its own over the shared client."""
+
+    def __init__(self, chat: OpenAiChat, on_event: EventSink, now_ms: Clock) -> None:
+        self._chat = chat
+        self._on_event = on_event
+        self._now_ms = now_ms
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._closed = asyncio.Event()
+        self.failure: str | None = None
+
+    def start(self, reply_id: str, messages: Sequence[ChatMessage]) -> None:
+        self.cancel(reply_id)  # a retry replaces the failed attempt
+        self._tasks[reply_id] = asyncio.get_running_loop().create_task(
+            self._answer(reply_id, tuple(messages)), name=f"llm-{reply_id}"
+        )
+
+    def cancel(self, reply_id: str) -> None:
+        task = self._tasks.pop(reply_id, None)
+        if task is not None:
+            task.cancel()
+
+    async def run(self) -> None:
+        await self._closed.wait()
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._closed.set()
+
+    async def _answer(self, reply_id: str, messages: tuple[ChatMessage, ...]) -> None:
+        try:
+            async for text in self._chat.stream(messages):
+                self._on_event(LlmText(self._now_ms(), reply_id, text))
+        except LlmError as error:
+            logger.warning("the model failed", extra={"reply_id": reply_id, "error": str(error)})
+            self._tasks.pop(reply_id, None)
+            if error.permanent and self.failure is None:
+                self.failure = str(error)
+                self._on_event(ProviderFailed(self._now_ms(), ProviderRole.CHAT, str(error)))
+            self._on_event(LlmFailed(self._now_ms(), reply_id, str(error)))
+            return
+        except Exception:  # a bug or an SDK surprise must not leave the reply silent
+            logger.exception("the model's stream failed unexpectedly", extra={"reply_id": reply_id})
+            self._tasks.pop(reply_id, None)
+            self._on_event(LlmFailed(self._now_ms(), reply_id, "unexpected error"))
+            return
+        self._tasks.pop(reply_id, None)
+        self._on_event(LlmDone(self._now_ms(), reply_id))

@@ -24,6 +24,7 @@ from core.engine import (
     ConversationError,
     TurnRules,
 )
+from core.engine.machines import AgentTrigger, CallerTrigger
 from core.events import (
     Action,
     AlignedChar,
@@ -32,6 +33,7 @@ from core.events import (
     CallStarted,
     CancelLlm,
     CancelTts,
+    ClearPlayback,
     CloseProviders,
     DtmfPressed,
     Event,
@@ -41,11 +43,10 @@ from core.events import (
     LlmFailed,
     LlmText,
     MarkPlayed,
+    PlaceMark,
+    PlayAudio,
     RecordMetric,
     SaveSummary,
-    SendClear,
-    SendMark,
-    SendMedia,
     SendToStt,
     SendTtsText,
     StartLlm,
@@ -54,6 +55,7 @@ from core.events import (
     TtsDone,
     Word,
 )
+from core.records import ChatMessage, Role
 
 _rng = np.random.default_rng(3)
 SPEECH = [samples_to_ulaw(np.round(_rng.normal(0, 3000, 160)).astype(np.int16)) for _ in range(25)]
@@ -73,7 +75,7 @@ class Call:
         tts_answers: bool = True,
         **rules: Any,
     ) -> None:
-        self.engine = Conversation(TurnRules(**{"greeting": "", **rules}))
+        self.engine = Conversation(TurnRules.defaults(**{"greeting": "", **rules}))
         self.answer = [answer] if isinstance(answer, str) else answer
         self.llm_finishes = llm_finishes
         self.alignment = alignment
@@ -81,7 +83,7 @@ class Call:
         self.tts_answers = tts_answers
         self.now = 0
         self.steps: list[tuple[int, list[Action]]] = []
-        self.started: dict[str, list[dict[str, str]]] = {}
+        self.started: dict[str, tuple[ChatMessage, ...]] = {}
         self.cancelled_llm: set[str] = set()
         self.cancelled_tts: set[str] = set()
         self.media: list[tuple[int, bytes]] = []
@@ -147,12 +149,12 @@ class Call:
                 self._queue.append(TtsAudio(self.now, reply_id, _audio(text), _align(text) if self.alignment else None))
             case FinishTts(reply_id=reply_id) if self.tts_answers:
                 self._queue.append(TtsDone(self.now, reply_id))
-            case SendMedia(ulaw=ulaw):
+            case PlayAudio(ulaw=ulaw):
                 self.media.append((self.now, ulaw))
                 self.play_until = max(self.play_until, self.now) + len(ulaw) / 8
-            case SendMark(name=name):
+            case PlaceMark(name=name):
                 self.playout.append((self.play_until, name))
-            case SendClear():
+            case ClearPlayback():
                 self.play_until = self.now
                 while self.playout:
                     name = self.playout.popleft()[1]
@@ -168,12 +170,12 @@ class Call:
         return next((at, step) for at, step in self.steps if any(isinstance(a, kind) for a in step))
 
     def user_turns(self) -> list[str]:
-        return [m["content"] for m in self.engine.history if m["role"] == "user"]
+        return [m.content for m in self.engine.history if m.role is Role.USER]
 
     def committed_prompts(self) -> list[str]:
         """The caller text of every reply that was started and not cancelled."""
         return [
-            messages[-1]["content"]
+            messages[-1].content
             for reply_id, messages in self.started.items()
             if reply_id not in self.cancelled_llm and reply_id not in self.cancelled_tts
         ]
@@ -207,7 +209,7 @@ def test_a_pause_shorter_than_the_threshold_keeps_one_turn() -> None:
     caller_turn(call, "for two")
     call.silence(5000)
     assert call.user_turns() == ["book a table for two"]
-    assert call.engine.summary()["turn_count"] == 1
+    assert call.engine.summary().turn_count == 1
 
 
 def test_a_pause_at_the_threshold_or_longer_makes_two_turns() -> None:
@@ -257,11 +259,11 @@ def test_bot_speaking_lasts_until_the_last_mark_of_the_reply_is_played() -> None
     caller_turn(call, "hi")
     call.silence(2000)  # threshold passes here; the held reply goes out
     assert call.engine.agent_state is AgentState.SPEAKING
-    marks = call.actions(SendMark)
+    marks = call.actions(PlaceMark)
     assert marks and all(m.name.startswith("r1.") for m in marks)
     call.silence(300)
     assert call.engine.agent_state is AgentState.IDLE
-    assert call.engine.history[-1] == {"role": "assistant", "content": "Fine."}
+    assert call.engine.history[-1] == ChatMessage(Role.ASSISTANT, "Fine.")
 
 
 def test_short_speech_while_the_bot_talks_is_discarded() -> None:
@@ -275,7 +277,7 @@ def test_short_speech_while_the_bot_talks_is_discarded() -> None:
     call.silence(100)
     call.words("mm-hm", start, start + 100)
     call.silence(4000)  # the reply ends; a long silence follows
-    assert call.actions(SendClear) == []
+    assert call.actions(ClearPlayback) == []
     assert call.user_turns() == ["hello"]
     caller_turn(call, "what about friday")
     call.silence(2500)
@@ -291,20 +293,20 @@ def test_barge_in_stops_everything_in_one_step_and_its_words_start_the_next_turn
     call.silence(400)
     onset = call.now
     call.speak(200)
-    at, step = call.step_with(SendClear)
+    at, step = call.step_with(ClearPlayback)
     kinds = [type(a) for a in step]
-    assert {SendClear, CancelTts, CancelLlm} <= set(kinds)
+    assert {ClearPlayback, CancelTts, CancelLlm} <= set(kinds)
     assert at - onset == 160  # the first frame at which 150 ms of speech had been heard
-    assert next(a.value for a in step if isinstance(a, RecordMetric) and a.name == "barge_in_ms") == 160
+    assert next(a.value for a in step if isinstance(a, RecordMetric) and a.name == "BargeIn") == 160
     call.speak(400)
     call.silence(100)
     call.words("actually make it four", onset, onset + 600)
     call.silence(6000)
     messages = call.actions(StartLlm)[-1].messages
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
-    assert messages[1]["content"] == "book a table"
-    assert ANSWER.startswith(messages[2]["content"]) and messages[2]["content"] != ANSWER
-    assert messages[3]["content"] == "actually make it four"
+    assert [m.role for m in messages] == [Role.SYSTEM, Role.USER, Role.ASSISTANT, Role.USER]
+    assert messages[1].content == "book a table"
+    assert ANSWER.startswith(messages[2].content) and messages[2].content != ANSWER
+    assert messages[3].content == "actually make it four"
 
 
 @pytest.mark.parametrize("alignment", [True, False])
@@ -316,15 +318,15 @@ def test_the_interrupted_reply_is_kept_as_far_as_it_was_heard(alignment: bool) -
     first_audio = call.media[0][0]
     call.silence(440)
     call.speak(200)  # barge-in decided 700 ms into playback
-    clear_at = call.step_with(SendClear)[0]
+    clear_at = call.step_with(ClearPlayback)[0]
     assert clear_at - first_audio == 700
     heard = call.engine.history[-1]
-    assert heard["role"] == "assistant"
+    assert heard.role is Role.ASSISTANT
     # 700 ms at 50 ms a character is "Sure, I can he"; the half-heard word is dropped.
-    assert heard["content"] == "Sure, I can"
+    assert heard.content == "Sure, I can"
     summary = call.engine.summary()
-    assert summary["turns"][-1]["interrupted"] is True
-    assert summary["turns"][-1]["full_text"] == ANSWER
+    assert summary.turns[-1].interrupted is True
+    assert summary.turns[-1].full_text == ANSWER
 
 
 def test_marks_echoed_by_a_clear_are_not_taken_as_played() -> None:
@@ -334,7 +336,7 @@ def test_marks_echoed_by_a_clear_are_not_taken_as_played() -> None:
     call.silence(2300)
     call.speak(200)
     assert call.echoed_on_clear  # Twilio echoed the unplayed marks on clear ...
-    assert call.engine.history[-1]["content"] != ANSWER  # ... and they did not count as played
+    assert call.engine.history[-1].content != ANSWER  # ... and they did not count as played
     assert call.engine.agent_state is AgentState.IDLE
 
 
@@ -344,8 +346,8 @@ def test_late_audio_of_an_interrupted_reply_is_dropped() -> None:
     caller_turn(call, "book a table")
     call.silence(2300)
     call.speak(200)
-    assert call.actions(SendClear)
-    reply_id = call.actions(SendMark)[0].name.split(".")[0]
+    assert call.actions(ClearPlayback)
+    reply_id = call.actions(PlaceMark)[0].name.split(".")[0]
     assert call.feed(TtsAudio(call.now, reply_id, b"\x7f" * 800)) == []
 
 
@@ -354,9 +356,9 @@ def test_marks_carry_the_reply_id_and_each_sentence_has_one() -> None:
     call.silence(500)
     caller_turn(call, "book a table")
     call.silence(2100)
-    names = [m.name for m in call.actions(SendMark)]
+    names = [m.name for m in call.actions(PlaceMark)]
     assert names == ["r1.1", "r1.2"]  # the chunk is cut after "that." so each sentence has a mark
-    first_piece = call.actions(SendMedia)[0].ulaw
+    first_piece = call.actions(PlayAudio)[0].ulaw
     assert len(first_piece) == len("Sure, I can help with that.") * MS_PER_CHAR * 8
 
 
@@ -369,11 +371,11 @@ def test_speculation_holds_audio_and_releases_it_the_moment_the_threshold_passes
     _, speech_end = caller_turn(call, "book a table")
     call.silence(600)
     assert call.engine.agent_state is AgentState.HOLDING  # started at a 400 ms pause
-    assert call.actions(StartLlm) and call.actions(SendMedia) == []  # audio ready, held back
+    assert call.actions(StartLlm) and call.actions(PlayAudio) == []  # audio ready, held back
     call.silence(1400)
-    at, step = call.step_with(SendMedia)
+    at, step = call.step_with(PlayAudio)
     assert at == speech_end + 2000
-    assert next(a.value for a in step if isinstance(a, RecordMetric) and a.name == "reply_latency_ms") == 2000
+    assert next(a.value for a in step if isinstance(a, RecordMetric) and a.name == "ReplyLatency") == 2000
 
 
 def test_speculation_is_cancelled_when_the_caller_goes_on() -> None:
@@ -384,7 +386,7 @@ def test_speculation_is_cancelled_when_the_caller_goes_on() -> None:
     speculative = call.actions(StartLlm)[0].reply_id
     caller_turn(call, "for two")
     assert speculative in call.cancelled_llm and speculative in call.cancelled_tts
-    assert call.actions(SendMedia) == []
+    assert call.actions(PlayAudio) == []
     call.silence(2500)
     assert call.committed_prompts() == ["book a table for two"]
 
@@ -419,11 +421,11 @@ def test_late_words_of_a_closed_turn_restart_a_reply_not_yet_heard() -> None:
 def test_the_greeting_is_spoken_on_start_and_can_be_interrupted() -> None:
     call = Call(greeting="Hello! Thanks for calling.")
     assert call.actions(SendTtsText)[0].text == "Hello! Thanks for calling."
-    assert call.actions(SendMedia)
+    assert call.actions(PlayAudio)
     call.silence(300)
     call.speak(200)
-    assert call.actions(SendClear)
-    assert call.engine.history == [{"role": "assistant", "content": "Hello!"}]
+    assert call.actions(ClearPlayback)
+    assert call.engine.history == [ChatMessage(Role.ASSISTANT, "Hello!")]
 
 
 def test_dtmf_digits_are_part_of_the_callers_turn() -> None:
@@ -443,7 +445,7 @@ def test_a_key_press_interrupts_the_bot() -> None:
     caller_turn(call, "hello")
     call.silence(2300)
     call.feed(DtmfPressed(call.now, "0"))
-    assert call.actions(SendClear)
+    assert call.actions(ClearPlayback)
     call.silence(2500)
     assert call.committed_prompts()[-1] == "(pressed 0)"
 
@@ -457,11 +459,11 @@ def test_call_end_cancels_everything_and_saves_the_summary() -> None:
     kinds = [type(a) for a in step]
     assert CancelLlm in kinds and CancelTts in kinds and CloseProviders in kinds
     summary = next(a.summary for a in step if isinstance(a, SaveSummary))
-    assert summary["turn_count"] == 1
-    assert summary["end_reason"] == "stop"
-    assert "Caller: book a table" in summary["transcript"]
-    assert summary["reply_latency_ms"] == [2000]
-    assert summary["barge_in_ms"] == []
+    assert summary.turn_count == 1
+    assert summary.end_reason == "stop"
+    assert "Caller: book a table" in summary.transcript
+    assert summary.reply_latency_ms == (2000,)
+    assert summary.barge_in_ms == ()
     assert call.engine.handle(CallerAudio(call.now, SPEECH[0])) == []  # nothing after the end
 
 
@@ -473,7 +475,7 @@ def test_a_hang_up_during_a_speculation_keeps_the_callers_words_once() -> None:
     assert call.engine.agent_state is AgentState.HOLDING
     summary = call.engine.handle(CallEnded(call.now, "closed"))[-1]
     assert isinstance(summary, SaveSummary)
-    assert [t["text"] for t in summary.summary["turns"]] == ["are you there"]
+    assert [t.text for t in summary.summary.turns] == ["are you there"]
 
 
 # -- reliability: the model fails ------------------------------------------------------------------
@@ -485,7 +487,7 @@ def test_an_llm_error_is_retried_once() -> None:
     caller_turn(call, "hello")
     call.silence(2600)
     assert len(call.actions(StartLlm)) == 2
-    assert call.engine.history[-1] == {"role": "assistant", "content": "Fine."}
+    assert call.engine.history[-1] == ChatMessage(Role.ASSISTANT, "Fine.")
 
 
 def test_after_two_llm_errors_the_agent_apologises() -> None:
@@ -493,26 +495,29 @@ def test_after_two_llm_errors_the_agent_apologises() -> None:
     call.silence(500)
     caller_turn(call, "hello")
     call.silence(6000)
-    assert call.engine.history[-1]["content"] == TurnRules().apology
+    assert call.engine.history[-1].content == TurnRules.defaults().apology
 
 
 # -- the machines themselves ---------------------------------------------------------------------
 
 
 def test_every_state_but_ended_can_end_the_call() -> None:
-    for table, ended in ((CALLER_TRANSITIONS, CallerState.ENDED), (AGENT_TRANSITIONS, AgentState.ENDED)):
+    for table, ended, trigger in (
+        (CALLER_TRANSITIONS, CallerState.ENDED, CallerTrigger.CALL_ENDED),
+        (AGENT_TRANSITIONS, AgentState.ENDED, AgentTrigger.CALL_ENDED),
+    ):
         for state, moves in table.items():
-            assert (state is ended) == ("call_ended" not in moves)
+            assert (state is ended) == (trigger not in moves)
 
 
 def test_a_trigger_the_table_does_not_allow_names_the_state() -> None:
     engine = Conversation()
     with pytest.raises(ConversationError, match="the agent cannot 'barge_in' while IDLE"):
-        engine._agent("barge_in")
+        engine.agent.fire(AgentTrigger.BARGE_IN)
 
 
 def test_every_caller_frame_goes_to_stt() -> None:
-    engine = Conversation(TurnRules(greeting=""))
+    engine = Conversation(TurnRules.defaults(greeting=""))
     actions = engine.handle(CallerAudio(0, SPEECH[0]))
     assert actions[0] == SendToStt(SPEECH[0])
 
@@ -526,6 +531,6 @@ def test_a_stop_consonants_closure_does_not_delay_the_barge_in() -> None:
     call.speak(140)
     call.silence(40)  # "ac-t-ually": the closure of the t
     call.speak(200)
-    at, _ = call.step_with(SendClear)
+    at, _ = call.step_with(ClearPlayback)
     assert at - onset == 160
-    assert call.engine.summary()["barge_in_ms"] == [160]
+    assert call.engine.summary().barge_in_ms == (160,)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.records import CallSummary, ReplyKind, Speaker, TurnRecord
 from core.store import CallStore, create_table
 
 NOW = 1_795_478_400.0
@@ -109,28 +110,39 @@ def test_stream_events_are_kept(store: CallStore) -> None:
 
 def test_the_media_service_completes_without_overwriting(store: CallStore) -> None:
     store.record_call(VOICE)
-    summary = {
-        "transcript": "Agent: Hello\nCaller: hi",
-        "turns": [{"role": "agent", "text": "Hello", "interrupted": False, "reply_latency_ms": None}],
-        "turn_count": 1,
-        "reply_latency_ms": [2012.5, 2030],
-        "interruptions": 0,
-        "end_reason": "stop",
-        "duration_ms": 15000,
-    }
+    summary = CallSummary(
+        turns=(
+            TurnRecord(Speaker.AGENT, "Hello", 40, reply_id="r1", kind=ReplyKind.GREETING, full_text="Hello"),
+            TurnRecord(Speaker.CALLER, "hi", 2100),
+        ),
+        end_reason="stop",
+        duration_ms=15000,
+        reply_latency_ms=(2012, 2030),
+        provider_failures=("speech-to-text: Deepgram refused the connection with HTTP 401",),
+    )
     store.complete_call(VOICE["CallSid"], summary, {"From": "+10000000000", "StreamSid": "MZ9"})
     item = store.get_call(VOICE["CallSid"])
     assert item is not None
     assert item["from_number"] == VOICE["From"]  # the webhook wrote it first
     assert item["stream_sid"] == "MZ9"
-    assert item["transcript"] == summary["transcript"] and item["turn_count"] == 1
-    assert item["latency"]["reply_ms"] == [2012.5, 2030]
-    assert item["turns"][0]["reply_latency_ms"] is None
+    assert item["transcript"] == "Agent: Hello\nCaller: hi" and item["turn_count"] == 1
+    assert item["latency"]["reply_ms"] == [2012, 2030]
+    assert item["turns"][0] == {
+        "role": "agent",
+        "text": "Hello",
+        "at_ms": 40,
+        "reply_id": "r1",
+        "kind": "greeting",
+        "full_text": "Hello",
+        "interrupted": False,
+    }
+    assert item["turns"][1] == {"role": "caller", "text": "hi", "at_ms": 2100}
+    assert item["provider_failures"] == list(summary.provider_failures)
 
 
 def test_the_media_service_creates_a_missing_item(store: CallStore) -> None:
     sid = "CA" + "3" * 32
-    store.complete_call(sid, {"transcript": "x", "turn_count": 0}, {"From": "+1555"})
+    store.complete_call(sid, CallSummary(turns=(), end_reason=None, duration_ms=0), {"From": "+1555"})
     item = store.get_call(sid)
     assert item is not None and item["from_number"] == "+1555" and item["expires_at"] > NOW
 

@@ -20,9 +20,9 @@ from core.twilio import (
     MalformedMessage,
     Mark,
     Media,
-    SendClear,
-    SendMark,
-    SendMedia,
+    OutboundClear,
+    OutboundMark,
+    OutboundMedia,
     Start,
     Stop,
     compute_signature,
@@ -123,9 +123,9 @@ def test_outbound_messages_are_exactly_twilios_shape() -> None:
     }
     assert msgspec.json.decode(encode_clear(sid)) == {"event": "clear", "streamSid": sid}
     media = decode_outbound(encode_media(sid, b"\x01"))
-    assert isinstance(media, SendMedia) and media.media.payload == b"\x01"
-    assert isinstance(decode_outbound(encode_mark(sid, "x")), SendMark)
-    assert isinstance(decode_outbound(encode_clear(sid)), SendClear)
+    assert isinstance(media, OutboundMedia) and media.media.payload == b"\x01"
+    assert isinstance(decode_outbound(encode_mark(sid, "x")), OutboundMark)
+    assert isinstance(decode_outbound(encode_clear(sid)), OutboundClear)
 
 
 # -- signatures -------------------------------------------------------------------------------------

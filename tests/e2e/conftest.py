@@ -11,8 +11,9 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from core.call import CallRegistry, call_services
+from core.call import call_services
 from core.config import ConversationSettings, MediaSettings, ProviderSettings
+from core.registry import CallRegistry
 from core.server import Drain, RunningServer, start_in_loop
 from core.store import CallStore, create_table
 from handlers.media import make_app

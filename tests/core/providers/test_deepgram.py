@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from core.events import Transcript, UtteranceEnd
+from core.events import ProviderFailed, ProviderRole, Transcript, UtteranceEnd
 from core.providers.deepgram import DeepgramStream, listen_url
 from infra.emulators.deepgram import DeepgramEmulator
 from infra.emulators.scenario import Faults, demo_scenario
@@ -130,7 +131,18 @@ async def test_keepalive_when_no_audio_goes_out() -> None:
 async def test_a_wrong_key_fails_for_good() -> None:
     emulator = DeepgramEmulator(demo_scenario())
     url = await emulator.start()
-    stream = DeepgramStream(url, "wrong-key", lambda e: None, lambda: 0)
+    events: list[Any] = []
+    stream = DeepgramStream(url, "wrong-key", events.append, lambda: 0)
     await stream.run()  # returns: reconnecting cannot fix a refused key
-    assert stream.failed is not None and "401" in str(stream.failed)
+    assert stream.failure is not None and "401" in stream.failure
+    assert events == [ProviderFailed(0, ProviderRole.STT, "Deepgram refused the connection with HTTP 401")]
     await emulator.stop()
+
+
+async def test_a_service_that_never_answers_fails_after_its_attempts() -> None:
+    events: list[Any] = []
+    # A port nobody listens on: every attempt is refused at once; backoff kept tiny for the test.
+    stream = DeepgramStream("ws://127.0.0.1:9/v1/listen", "key", events.append, lambda: 0, max_backoff_s=0.01)
+    await asyncio.wait_for(stream.run(), timeout=10)
+    assert [type(e) for e in events] == [ProviderFailed]
+    assert events[0].role is ProviderRole.STT and "8 attempts" in events[0].reason

@@ -107,6 +107,7 @@ async def test_a_wrong_key_fails_for_good() -> None:
     )
     stream.send_text("r1", "Hello. ")
     await stream.run()
-    assert stream.failed is not None and "401" in str(stream.failed)
-    assert [type(e).__name__ for e in events] == ["TtsFailed"]
+    assert stream.failure is not None and "401" in stream.failure
+    # the role's failure first, then every reply it was voicing is settled
+    assert [type(e).__name__ for e in events] == ["ProviderFailed", "TtsFailed"]
     await emulator.stop()

@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from core.providers.openai import LlmError, OpenAiChat
+from core.events import Event, LlmDone, LlmFailed, LlmText, ProviderFailed, ProviderRole
+from core.providers.openai import LlmError, OpenAiChat, OpenAiReplies, wire_messages
+from core.records import ChatMessage, Role, ToolCall
 from infra.emulators.openai import OpenAiEmulator
 from infra.emulators.scenario import Faults, Latency, demo_scenario
 
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A table for two?"}]
+MESSAGES = (ChatMessage(Role.SYSTEM, "Be brief."), ChatMessage(Role.USER, "A table for two?"))
 
 
 async def chatting(
@@ -82,3 +84,85 @@ async def test_a_wrong_key_is_a_clear_error() -> None:
         [p async for p in chat.stream(MESSAGES)]
     await chat.close()
     await emulator.stop()
+
+
+async def test_the_history_goes_out_in_openais_form() -> None:
+    async for emulator, chat in chatting():
+        [p async for p in chat.stream(MESSAGES)]
+        assert emulator.requests[0]["messages"] == [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "A table for two?"},
+        ]
+
+
+def test_tool_calls_and_their_results_keep_openais_pairing() -> None:
+    call = ToolCall("call_1", "end_call", '{"reason": "done"}')
+    answered = ChatMessage(Role.TOOL, "ok", tool_call_id="call_1")
+    wire = wire_messages([ChatMessage(Role.ASSISTANT, "Goodbye!", tool_calls=(call,)), answered])
+    function = {"name": "end_call", "arguments": '{"reason": "done"}'}
+    assert wire == [
+        {
+            "role": "assistant",
+            "content": "Goodbye!",
+            "tool_calls": [{"id": "call_1", "type": "function", "function": function}],
+        },
+        {"role": "tool", "content": "ok", "tool_call_id": "call_1"},
+    ]
+
+
+class Collected:
+    """An event sink that remembers every event and is set once one of the `until` kinds arrives."""
+
+    def __init__(self, *until: type) -> None:
+        self.events: list[Event] = []
+        self.until = until
+        self.arrived = asyncio.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        if isinstance(event, self.until):
+            self.arrived.set()
+
+    async def wait(self) -> None:
+        await asyncio.wait_for(self.arrived.wait(), timeout=10)
+
+
+async def test_a_calls_replies_become_engine_events() -> None:
+    async for emulator, chat in chatting():
+        sink = Collected(LlmDone, LlmFailed)
+        replies = OpenAiReplies(chat, sink, lambda: 7)
+        runner = asyncio.create_task(replies.run())
+        replies.start("r1", MESSAGES)
+        await sink.wait()
+        assert "".join(e.text for e in sink.events if isinstance(e, LlmText)) == emulator.scenario.answers[0]
+        assert sink.events[-1] == LlmDone(7, "r1")
+        await replies.close()
+        await asyncio.wait_for(runner, timeout=5)
+
+
+async def test_a_refused_key_is_the_roles_failure_as_well_as_the_replys() -> None:
+    emulator = OpenAiEmulator(demo_scenario())
+    url = await emulator.start()
+    chat = OpenAiChat("wrong", "gpt-4o-mini", url)
+    sink = Collected(LlmFailed)
+    replies = OpenAiReplies(chat, sink, lambda: 0)
+    replies.start("r1", MESSAGES)
+    await sink.wait()
+    failure = sink.events[0]
+    assert [type(e) for e in sink.events] == [ProviderFailed, LlmFailed]
+    assert isinstance(failure, ProviderFailed) and failure.role is ProviderRole.CHAT and "401" in failure.reason
+    await replies.close()
+    await chat.close()
+    await emulator.stop()
+
+
+async def test_a_cancelled_reply_says_nothing_more() -> None:
+    async for _, chat in chatting(latency=Latency(llm_token_interval_ms=50)):
+        sink = Collected(LlmText)
+        replies = OpenAiReplies(chat, sink, lambda: 0)
+        replies.start("r1", MESSAGES)
+        await sink.wait()
+        replies.cancel("r1")
+        seen = len(sink.events)
+        await replies.close()  # awaits every reply task: nothing of r1 can arrive after this
+        assert len(sink.events) == seen and not any(isinstance(e, LlmDone) for e in sink.events)

@@ -1,0 +1,581 @@
+"""The conversation engine: turn-taking for one call, as a pure state machine.
+
+Rules of this file
+==================
+1. Everything that decides what the agent says and when lives in `core/engine/`. The asyncio code
+   around it (`core/call.py`) only moves bytes between sockets and this object.
+2. No I/O, no sleeps, no wall clock. Time is `at_ms` on the call's audio clock (Twilio's
+   `media.timestamp`), so behaviour is the same on an idle laptop and a loaded server, and every
+   rule is tested by feeding events and reading the actions that come back.
+3. The machines are tables in `core/engine/machines.py`; this file decides *when* a trigger fires.
+   Each rule of DESIGN.md section 2 has one method here, and the method cites its rule.
+4. Every timed rule is checked in one place, `_on_clock`, in every state. A deadline is a time on
+   the audio clock that `_on_clock` compares with the clock; nothing here owns a timer.
+
+Theory of operation
+===================
+`handle(event)` advances the audio clock to the event's time, routes the event to its handler, and
+returns the actions in the order they must be carried out. Caller audio drives the clock forward:
+after each frame, `_on_clock` runs every timed rule.
+
+The caller's words are `_segments` (audio-clock time, text) until the turn ends (rule 1); then they
+become a `Reply`'s caller segments and the reply's streams start. A speculative reply (rule 7) is the
+same `Reply` with its playback held. When a reply is committed to the history, what enters is what
+the caller heard (rule 6), cut by its `Playback` ledger (`core/engine/playback.py`).
+
+Caller speech heard while the agent is THINKING or SPEAKING does not count toward a turn unless it
+lasts `barge_in_min_speech_ms`: then it interrupts (rule 4) and the turn it starts begins at its onset.
+Anything shorter, and any word Deepgram places while the agent held the floor, is discarded (rule 5).
+"""
+
+from __future__ import annotations
+
+from core.audio import SAMPLE_RATE, VoiceActivityDetector
+from core.engine.machines import (
+    AGENT_TRANSITIONS,
+    CALLER_TRANSITIONS,
+    FLUSH_TRANSITIONS,
+    PHASE_TRANSITIONS,
+    AgentState,
+    AgentTrigger,
+    CallerState,
+    CallerTrigger,
+    CallPhase,
+    FlushState,
+    FlushTrigger,
+    Hearing,
+    Machine,
+    PhaseTrigger,
+    StreamsState,
+    StreamsTrigger,
+)
+from core.engine.playback import Reply, join_segments
+from core.engine.rules import TurnRules
+from core.events import (
+    Action,
+    CallEnded,
+    CallerAudio,
+    CallStarted,
+    CancelLlm,
+    CancelTts,
+    ClearPlayback,
+    CloseProviders,
+    DtmfPressed,
+    Event,
+    FinalizeStt,
+    FinishTts,
+    LlmDone,
+    LlmFailed,
+    LlmText,
+    MarkPlayed,
+    PlaceMark,
+    PlayAudio,
+    ProviderFailed,
+    RecordMetric,
+    SaveSummary,
+    SendToStt,
+    SendTtsText,
+    StartLlm,
+    Transcript,
+    TtsAudio,
+    TtsDone,
+    TtsFailed,
+    Unit,
+    UtteranceEnd,
+)
+from core.records import CallSummary, ChatMessage, ReplyKind, Role, Speaker, TurnRecord
+
+_NO_ACTIONS: list[Action] = []
+A, C = AgentState, CallerState
+
+
+class Conversation:
+    """One call's turn-taking. Feed `handle(event)`; carry out the actions it returns, in order."""
+
+    def __init__(self, rules: TurnRules | None = None) -> None:
+        self.rules = rules or TurnRules.defaults()
+        self.caller = Machine("caller", CALLER_TRANSITIONS, CallerState.SILENT)
+        self.agent = Machine("agent", AGENT_TRANSITIONS, AgentState.IDLE)
+        self.phase = Machine("call phase", PHASE_TRANSITIONS, CallPhase.OPENING)
+        self.flush = Machine("STT flush", FLUSH_TRANSITIONS, FlushState.IDLE)
+        self.hearing = Hearing()
+        self.history: list[ChatMessage] = []
+        self.call_sid = ""
+        self.stream_sid = ""
+        self._vad = VoiceActivityDetector(self.rules.vad)
+        self._segments: list[tuple[int, str]] = []
+        self._activity_ms = 0  # last caller voice, word or key of the open turn
+        self._speech_counts = False  # whether the detector's current speech belongs to a turn
+        self._last_turn_end_ms = -1
+        self._reply: Reply | None = None
+        self._reply_count = 0
+        self._now_ms = 0
+        self._turns: list[TurnRecord] = []
+        self._reply_latencies: list[int] = []
+        self._barge_ins: list[int] = []
+        self._provider_failures: list[str] = []
+
+    @property
+    def caller_state(self) -> CallerState:
+        return self.caller.state
+
+    @property
+    def agent_state(self) -> AgentState:
+        return self.agent.state
+
+    @property
+    def now_ms(self) -> int:
+        return self._now_ms
+
+    # -- entry point --------------------------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Action]:
+        if self.phase.state is CallPhase.ENDED:
+            return _NO_ACTIONS  # late provider events after hang-up are normal
+        self._now_ms = max(self._now_ms, event.at_ms)
+        actions: list[Action] = []
+        match event:
+            case CallerAudio():
+                self._on_audio(event, actions)
+            case Transcript():
+                self._on_transcript(event, actions)
+            case LlmText():
+                self._on_llm_text(event, actions)
+            case TtsAudio():
+                self._on_tts_audio(event, actions)
+            case MarkPlayed():
+                self._on_mark(event, actions)
+            case LlmDone():
+                self._on_llm_done(event, actions)
+            case TtsDone() | TtsFailed():
+                self._on_voice_done(event.reply_id, actions)
+            case LlmFailed():
+                self._on_llm_failed(event, actions)
+            case DtmfPressed():
+                self._on_dtmf(event, actions)
+            case ProviderFailed():
+                self._on_provider_failed(event, actions)
+            case CallStarted():
+                self._on_start(event, actions)
+            case CallEnded():
+                self._on_end(event, actions)
+            case UtteranceEnd():
+                pass  # the local clock already closes turns; Deepgram's word times extend them
+        return actions
+
+    # -- the clock: every timed rule, in every state ----------------------------------------------------
+
+    def _on_clock(self, now: int, actions: list[Action]) -> None:
+        """The audio clock reached `now`: check every rule that waits for a time."""
+        if self.caller.state is C.PAUSED:
+            pause = now - self._activity_ms
+            if pause >= self.rules.silence_threshold_ms:
+                self._end_turn(now, actions)
+            elif pause >= self.rules.speculate_after_ms:
+                self._flush_early(actions)
+                self._consider_speculation(actions, speech_final=False)
+
+    # -- rule 2: speech vs silence, decided locally ---------------------------------------------------
+
+    def _on_audio(self, event: CallerAudio, actions: list[Action]) -> None:
+        """Rule 2: the detector decides speech on the caller's audio; every frame also goes to STT."""
+        actions.append(SendToStt(event.ulaw))
+        now = event.at_ms + len(event.ulaw) * 1000 // SAMPLE_RATE
+        self._now_ms = max(self._now_ms, now)
+        frame = self._vad.process(event.ulaw, event.at_ms)
+        if frame.started and frame.onset_ms is not None:
+            self._on_speech_started(frame.onset_ms, actions)
+        if frame.speaking and frame.onset_ms is not None:
+            if self._speech_counts:
+                self._activity_ms = max(self._activity_ms, frame.last_voice_ms or now)
+            elif (
+                now - frame.onset_ms >= self.rules.barge_in_min_speech_ms
+                and now - (frame.last_voice_ms or now) <= self.rules.barge_in_gap_ms
+            ):
+                # Voiced time, not the detector's hangover after a short "mm-hm".
+                self._barge_in(frame.onset_ms, actions)
+        if frame.ended and self._speech_counts:
+            self._speech_counts = False
+            self._activity_ms = max(self._activity_ms, frame.last_voice_ms or now)
+            self.caller.fire(CallerTrigger.SPEECH_ENDED)
+        self._on_clock(now, actions)
+
+    def _on_speech_started(self, onset_ms: int, actions: list[Action]) -> None:
+        if self.agent.state in (A.THINKING, A.SPEAKING):
+            return  # it counts only if it lasts long enough to interrupt (checked per frame)
+        if self.agent.state is A.HOLDING:
+            self._drop_speculation(actions)
+        self._open_speech(onset_ms)
+
+    def _open_speech(self, onset_ms: int) -> None:
+        if self.caller.state is C.SILENT:
+            self._segments = []
+        self._speech_counts = True
+        self.flush.fire(FlushTrigger.RESET)
+        self._activity_ms = max(self._activity_ms, onset_ms)
+        if self.caller.state is not C.SPEAKING:
+            self.caller.fire(CallerTrigger.SPEECH_STARTED)
+
+    # -- rule 1: caller turns ------------------------------------------------------------------------
+
+    def _on_transcript(self, event: Transcript, actions: list[Action]) -> None:
+        if event.from_finalize and self.flush.state is FlushState.PENDING:
+            self.flush.fire(FlushTrigger.FLUSHED)
+        if not event.is_final:
+            return
+        words = [w for w in event.words if self.hearing.hears(w.start_ms)]  # rule 5
+        if event.words:
+            text = " ".join(w.text for w in words)
+            start_ms = words[0].start_ms if words else event.start_ms
+            end_ms = words[-1].end_ms if words else event.end_ms
+        else:
+            text = event.text.strip() if self.hearing.hears(event.start_ms) else ""
+            start_ms, end_ms = event.start_ms, event.end_ms
+        if text:
+            self._add_words(start_ms, end_ms, text, actions)
+        if event.speech_final:
+            self._consider_speculation(actions, speech_final=True)
+
+    def _add_words(self, start_ms: int, end_ms: int, text: str, actions: list[Action]) -> None:
+        """Rule 1: final words join the open turn; late words of a closed turn join the reply to it."""
+        reply = self._reply
+        if start_ms < self._last_turn_end_ms and self.caller.state is C.SILENT:
+            # Late words of a turn that already closed (Deepgram was slow to finalize them).
+            if reply is not None and reply.kind is ReplyKind.ANSWER and reply.playback.first_audio_at_ms is None:
+                self._stop_streams(reply, actions)
+                self._reply = None
+                self.agent.fire(AgentTrigger.CALLER_INTERRUPTED)
+                self._start_reply([*reply.caller_segments, (start_ms, text)], reply.speech_end_ms, actions)
+                return
+            if reply is not None and reply.kind is ReplyKind.ANSWER:
+                reply.caller_segments.append((start_ms, text))
+                return
+        if self.agent.state is A.HOLDING:
+            self._drop_speculation(actions)  # it answered less than the caller has now said
+        if self.caller.state is C.SILENT:
+            self._segments = []
+        self._segments.append((start_ms, text))
+        self._segments.sort(key=lambda segment: segment[0])
+        self._activity_ms = max(self._activity_ms, end_ms)
+        self.caller.fire(CallerTrigger.WORDS_HEARD)
+
+    def _flush_early(self, actions: list[Action]) -> None:
+        """Rule 1's `Finalize`, sent at the speculation pause so the words are in before the threshold."""
+        if self.flush.state is FlushState.IDLE:
+            actions.append(FinalizeStt())
+            self.flush.fire(FlushTrigger.FINALIZE_SENT)
+
+    def _end_turn(self, now: int, actions: list[Action]) -> None:
+        """Rule 1: a pause reached the silence threshold; the turn's words go to the model (or the held
+        reply to them goes out, rule 7). A turn with no words sends nothing."""
+        if self.flush.state is FlushState.IDLE:
+            actions.append(FinalizeStt())
+        segments, self._segments = self._segments, []
+        self.caller.fire(CallerTrigger.TURN_ENDED)
+        self._last_turn_end_ms = now
+        self.flush.fire(FlushTrigger.RESET)
+        reply = self._reply
+        if self.agent.state is A.HOLDING and reply is not None:
+            if reply.caller_text == join_segments(segments):
+                self._release(reply, actions)
+                return
+            self._drop_speculation(actions)
+        if join_segments(segments):
+            self._start_reply(segments, self._activity_ms, actions)
+
+    # -- rule 7: speculation ---------------------------------------------------------------------------
+
+    def _consider_speculation(self, actions: list[Action], *, speech_final: bool) -> None:
+        """Rule 7: once the caller pauses (Deepgram's `speech_final`, or the local pause with every word
+        flushed), start the reply on the words so far, its audio held back."""
+        if self.caller.state is not C.PAUSED or self.agent.state is not A.IDLE:
+            return
+        if not speech_final and self.flush.state is not FlushState.FLUSHED:
+            return
+        if join_segments(self._segments):
+            self._start_reply(self._segments, self._activity_ms, actions, held=True)
+
+    def _drop_speculation(self, actions: list[Action]) -> None:
+        """Rule 7: the caller went on; the held reply answered less than they have now said."""
+        reply = self._reply
+        if reply is not None:
+            self._stop_streams(reply, actions)
+        self._reply = None
+        self.agent.fire(AgentTrigger.CALLER_RESUMED)
+
+    def _release(self, reply: Reply, actions: list[Action]) -> None:
+        """Rule 7: the pause reached the threshold: the held reply goes out now."""
+        reply.speech_end_ms = self._activity_ms
+        self.agent.fire(AgentTrigger.RELEASE)
+        self._take_floor()
+        for ulaw, mark in reply.playback.release():
+            self._play(reply, ulaw, mark, actions)
+        self._finish_if_heard_out(reply)
+
+    # -- rule 4: barge-in ------------------------------------------------------------------------------
+
+    def _barge_in(self, onset_ms: int, actions: list[Action], *, by_voice: bool = True) -> None:
+        """Rule 4: caller speech (or a key) while the agent is about to speak or speaking: stop it now,
+        in this step (clear, voice closed, model closed). The interrupting speech opens the next turn."""
+        reply = self._reply
+        if self.agent.state is A.SPEAKING and reply is not None:
+            actions.append(ClearPlayback())
+            self._stop_streams(reply, actions)
+            latency = self._now_ms - onset_ms
+            actions.append(RecordMetric("BargeIn", latency, Unit.MILLISECONDS, reply.id))
+            self._barge_ins.append(latency)
+            self._commit_reply(reply, reply.playback.heard_text(reply.text, self._now_ms), interrupted=True)
+            self._reply = None
+            self.agent.fire(AgentTrigger.BARGE_IN)
+        elif self.agent.state is A.THINKING and reply is not None:
+            self._stop_streams(reply, actions)
+            # Nothing was heard: the caller is still in the turn the reply was answering.
+            if self.caller.state is C.SILENT:
+                self._segments = []
+            self._segments = [*reply.caller_segments, *self._segments]
+            self._reply = None
+            self.agent.fire(AgentTrigger.CALLER_INTERRUPTED)
+        self.hearing.listen_again(onset_ms - self.rules.word_slack_ms)
+        if by_voice:
+            self._open_speech(onset_ms)
+
+    # -- rule 5: what the agent does not hear while it holds the floor -----------------------------------
+
+    def _take_floor(self) -> None:
+        """Rule 5: the agent takes the floor; words the caller says from now on are discarded unless
+        they turn into a barge-in."""
+        self.hearing.agent_took_floor(self._now_ms)
+
+    # -- rule 9: DTMF ----------------------------------------------------------------------------------
+
+    def _on_dtmf(self, event: DtmfPressed, actions: list[Action]) -> None:
+        """Rule 9: a key is part of the caller's turn, and interrupts the agent at once (rule 4)."""
+        if self.agent.state in (A.THINKING, A.SPEAKING):
+            self._barge_in(event.at_ms, actions, by_voice=False)  # a key press is deliberate
+        elif self.agent.state is A.HOLDING:
+            self._drop_speculation(actions)
+        if self.caller.state is C.SILENT:
+            self._segments = []
+        self._segments.append((event.at_ms, f"(pressed {event.digit})"))
+        self._activity_ms = max(self._activity_ms, event.at_ms)
+        self.flush.fire(FlushTrigger.RESET)
+        self.caller.fire(CallerTrigger.KEY_PRESSED)
+
+    # -- the agent's replies ---------------------------------------------------------------------------
+
+    def _next_reply_id(self) -> str:
+        self._reply_count += 1
+        return f"r{self._reply_count}"
+
+    def _messages(self, caller_text: str) -> tuple[ChatMessage, ...]:
+        return (
+            ChatMessage(Role.SYSTEM, self.rules.system_prompt),
+            *self.history,
+            ChatMessage(Role.USER, caller_text),
+        )
+
+    def _start_reply(
+        self, segments: list[tuple[int, str]], speech_end_ms: int | None, actions: list[Action], *, held: bool = False
+    ) -> Reply:
+        reply = Reply.create(
+            self._next_reply_id(),
+            ReplyKind.ANSWER,
+            caller_segments=segments,
+            speech_end_ms=speech_end_ms,
+            now_ms=self._now_ms,
+            held=held,
+        )
+        self._reply = reply
+        actions.append(StartLlm(reply.id, self._messages(reply.caller_text)))
+        self.agent.fire(AgentTrigger.SPECULATE if held else AgentTrigger.ANSWER)
+        if not held:
+            self._take_floor()
+        return reply
+
+    def _stop_streams(self, reply: Reply, actions: list[Action]) -> None:
+        """Close whatever of the reply's model and voice streams is still open."""
+        state = reply.streams.state
+        if state is StreamsState.WRITING:
+            actions.append(CancelLlm(reply.id))
+        if state in (StreamsState.WRITING, StreamsState.VOICING):
+            actions.append(CancelTts(reply.id))
+            reply.streams.fire(StreamsTrigger.CANCEL)
+
+    def _current(self, reply_id: str) -> Reply | None:
+        reply = self._reply
+        return reply if reply is not None and reply.id == reply_id else None
+
+    def _on_start(self, event: CallStarted, actions: list[Action]) -> None:
+        self.call_sid, self.stream_sid = event.call_sid, event.stream_sid
+        self.phase.fire(PhaseTrigger.ANSWERED)
+        if self.rules.greeting.strip():
+            self._greet(actions)
+
+    def _greet(self, actions: list[Action]) -> None:
+        """Rule 8: on `start` of an inbound call the agent speaks the greeting, interruptible like any reply."""
+        text = self.rules.greeting
+        reply = Reply.create(
+            self._next_reply_id(),
+            ReplyKind.GREETING,
+            caller_segments=[],
+            speech_end_ms=None,
+            now_ms=self._now_ms,
+            text=text,
+        )
+        self._reply = reply
+        actions.append(SendTtsText(reply.id, text))
+        actions.append(FinishTts(reply.id))
+        self.agent.fire(AgentTrigger.GREET)
+        self._take_floor()
+
+    def _on_llm_text(self, event: LlmText, actions: list[Action]) -> None:
+        reply = self._current(event.reply_id)
+        if reply is None or not reply.writing or not event.text:
+            return
+        if reply.first_text_at_ms is None:
+            reply.first_text_at_ms = event.at_ms
+            actions.append(RecordMetric("LlmFirstText", event.at_ms - reply.started_at_ms, Unit.MILLISECONDS, reply.id))
+        reply.text += event.text
+        actions.append(SendTtsText(reply.id, event.text))
+
+    def _on_llm_done(self, event: LlmDone, actions: list[Action]) -> None:
+        reply = self._current(event.reply_id)
+        if reply is None or not reply.writing:
+            return
+        reply.streams.fire(StreamsTrigger.TEXT_DONE)
+        actions.append(FinishTts(reply.id))
+
+    def _on_llm_failed(self, event: LlmFailed, actions: list[Action]) -> None:
+        """Section 6: a model error is retried once, then the agent apologises; never silence."""
+        reply = self._current(event.reply_id)
+        if reply is None or not reply.writing:
+            return
+        actions.append(RecordMetric("LlmFailures", 1, Unit.COUNT, reply.id))
+        if reply.text:  # part of the answer is already being spoken: end it there
+            reply.streams.fire(StreamsTrigger.TEXT_DONE)
+            actions.append(FinishTts(reply.id))
+        elif reply.attempts < self.rules.llm_attempts:
+            reply.attempts += 1
+            actions.append(StartLlm(reply.id, self._messages(reply.caller_text)))
+        else:
+            reply.streams.fire(StreamsTrigger.TEXT_DONE)
+            reply.kind = ReplyKind.APOLOGY
+            reply.text = self.rules.apology
+            actions.append(SendTtsText(reply.id, reply.text))
+            actions.append(FinishTts(reply.id))
+
+    def _on_tts_audio(self, event: TtsAudio, actions: list[Action]) -> None:
+        reply = self._current(event.reply_id)
+        if reply is None or not event.ulaw:
+            return
+        for ulaw, mark in reply.playback.add_audio(event.ulaw, event.alignment):
+            self._play(reply, ulaw, mark, actions)
+
+    def _play(self, reply: Reply, ulaw: bytes, mark: str, actions: list[Action]) -> None:
+        """Rule 3: every piece of audio goes out followed by its mark."""
+        actions.append(PlayAudio(ulaw))
+        actions.append(PlaceMark(mark))
+        if reply.playback.started_playing(self._now_ms):
+            if reply.speech_end_ms is not None:
+                latency = self._now_ms - reply.speech_end_ms
+                actions.append(RecordMetric("ReplyLatency", latency, Unit.MILLISECONDS, reply.id))
+            self.agent.fire(AgentTrigger.FIRST_AUDIO)
+
+    def _on_voice_done(self, reply_id: str, actions: list[Action]) -> None:
+        reply = self._current(reply_id)
+        if reply is None or reply.streams.state not in (StreamsState.WRITING, StreamsState.VOICING):
+            return
+        if reply.writing:  # the voice failed for good while the model wrote: nothing will speak its text
+            actions.append(CancelLlm(reply.id))
+        reply.streams.fire(StreamsTrigger.VOICE_DONE)
+        self._finish_if_heard_out(reply)
+
+    def _on_mark(self, event: MarkPlayed, actions: list[Action]) -> None:
+        """Rule 3: the agent speaks until Twilio echoes the reply's last mark. Marks of a cleared reply
+        (Twilio echoes them all on clear) name a reply that is no longer current and count for nothing."""
+        reply_id, _, _ = event.name.partition(".")
+        reply = self._current(reply_id)
+        if reply is not None and reply.playback.mark_played(event.name, event.at_ms):
+            self._finish_if_heard_out(reply)
+
+    def _finish_if_heard_out(self, reply: Reply) -> None:
+        """Rule 3, the one place a reply finishes: its voice is done and its last mark was played."""
+        if not reply.heard_out:
+            return
+        self._commit_reply(reply, reply.text if reply.playback.has_audio else "", interrupted=False)
+        self._reply = None
+        self.hearing.listen_again(self._now_ms)
+        self.agent.fire(AgentTrigger.REPLY_FINISHED)
+
+    # -- rule 6: what the caller heard enters the history --------------------------------------------------
+
+    def _commit_reply(self, reply: Reply, heard: str, *, interrupted: bool) -> None:
+        """Rule 6: the history keeps what the caller heard. A caller turn answered by nothing heard is
+        joined to the next one, so caller and agent messages alternate."""
+        caller_text = reply.caller_text
+        if caller_text:
+            last = self.history[-1] if self.history else None
+            if last is not None and last.role is Role.USER:
+                self.history[-1] = ChatMessage(Role.USER, f"{last.content} {caller_text}")
+            else:
+                self.history.append(ChatMessage(Role.USER, caller_text))
+            self._turns.append(TurnRecord(Speaker.CALLER, caller_text, reply.speech_end_ms))
+        if heard:
+            self.history.append(ChatMessage(Role.ASSISTANT, heard))
+        first_audio = reply.playback.first_audio_at_ms
+        latency = (
+            first_audio - reply.speech_end_ms if first_audio is not None and reply.speech_end_ms is not None else None
+        )
+        self._turns.append(
+            TurnRecord(
+                Speaker.AGENT,
+                heard,
+                first_audio,
+                reply_id=reply.id,
+                kind=reply.kind,
+                full_text=reply.text,
+                interrupted=interrupted,
+                reply_latency_ms=latency,
+            )
+        )
+        if latency is not None:
+            self._reply_latencies.append(latency)
+
+    # -- section 6: a provider fails for good --------------------------------------------------------------
+
+    def _on_provider_failed(self, event: ProviderFailed, actions: list[Action]) -> None:
+        failure = f"{event.role.value}: {event.reason}"
+        if failure not in self._provider_failures:
+            self._provider_failures.append(failure)
+            actions.append(RecordMetric("ProviderFailures", 1, Unit.COUNT))
+
+    # -- rule 10: call end -----------------------------------------------------------------------------
+
+    def _on_end(self, event: CallEnded, actions: list[Action]) -> None:
+        """Rule 10: everything is cancelled and closed, and the call's summary is saved."""
+        reply = self._reply
+        if reply is not None:
+            self._stop_streams(reply, actions)
+            if reply.playback.first_audio_at_ms is not None:
+                self._commit_reply(reply, reply.playback.heard_text(reply.text, self._now_ms), interrupted=True)
+            elif reply.caller_text and not reply.playback.held:  # a held reply's words are still in _segments
+                self._turns.append(TurnRecord(Speaker.CALLER, reply.caller_text, reply.speech_end_ms))
+            self._reply = None
+        if join_segments(self._segments):
+            self._turns.append(TurnRecord(Speaker.CALLER, join_segments(self._segments), self._activity_ms))
+        self.caller.fire(CallerTrigger.CALL_ENDED)
+        self.agent.fire(AgentTrigger.CALL_ENDED)
+        self.phase.fire(PhaseTrigger.CALL_ENDED)
+        actions.append(CloseProviders())
+        actions.append(SaveSummary(self.summary(event.reason)))
+
+    def summary(self, end_reason: str | None = None) -> CallSummary:
+        """The call's record for the store: turns as heard, and the latency figures."""
+        return CallSummary(
+            turns=tuple(self._turns),
+            end_reason=end_reason,
+            duration_ms=self._now_ms,
+            reply_latency_ms=tuple(self._reply_latencies),
+            barge_in_ms=tuple(self._barge_ins),
+            provider_failures=tuple(self._provider_failures),
+        )

@@ -1,0 +1,51 @@
+"""The rules of DESIGN.md section 2 in the engine's units, built once from the settings.
+
+Defaults live in one place, `core.config.ConversationSettings`; `TurnRules` has none of its own for
+anything a team can set, so the two cannot drift. The few fields below with defaults are the
+engine's own constants, not settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Self
+
+from core.audio import VadConfig
+from core.config import ConversationSettings
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnRules:
+    silence_threshold_ms: int
+    barge_in_min_speech_ms: int
+    speculate_after_ms: int
+    greeting: str
+    system_prompt: str
+    vad: VadConfig
+    apology: str = "Sorry, I'm having trouble answering right now. Could you say that again?"
+    # Deepgram's word times and the detector's onset disagree by a few tens of ms.
+    word_slack_ms: int = 120
+    # A stop consonant's closure ("ac-t-ually") is a quiet frame inside speech: one such frame does
+    # not break the barge-in count. A short "mm-hm" followed by silence still never reaches it.
+    barge_in_gap_ms: int = 20
+    llm_attempts: int = 2
+
+    @classmethod
+    def from_settings(cls, settings: ConversationSettings) -> Self:
+        return cls(
+            silence_threshold_ms=round(settings.silence_threshold * 1000),
+            barge_in_min_speech_ms=settings.barge_in_min_speech_ms,
+            speculate_after_ms=settings.speculate_after_ms,
+            greeting=settings.greeting,
+            system_prompt=settings.system_prompt,
+            vad=VadConfig(
+                margin_db=settings.vad_margin_db,
+                min_level_dbfs=settings.vad_min_level_dbfs,
+                min_speech_ms=settings.vad_min_speech_ms,
+            ),
+        )
+
+    @classmethod
+    def defaults(cls, **changes: Any) -> Self:
+        """The rules a deployment with no settings gets, with `changes` (tests, the stateful model)."""
+        return dataclasses.replace(cls.from_settings(ConversationSettings.from_env({})), **changes)

@@ -1,0 +1,95 @@
+"""What a call leaves behind, typed: the chat history the model sees, and the records the store keeps.
+
+The engine writes these and the store reads them; neither side guesses at the other's dict keys.
+They are vendor-neutral: `core.providers.openai` turns `ChatMessage` into OpenAI's wire form, and
+`core.store` turns `CallSummary` into DynamoDB attributes.
+
+A history may carry tool calls and their results (DESIGN.md section 2b): an assistant message with
+`tool_calls`, each answered by a `Role.TOOL` message with the same `tool_call_id`, as OpenAI requires.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Role(enum.StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+    TOOL = "tool"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call the model made: `arguments` is the JSON text exactly as the model wrote it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: Role
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None  # on a Role.TOOL message: the call it answers
+
+
+class Speaker(enum.StrEnum):
+    CALLER = "caller"
+    AGENT = "agent"
+
+
+class ReplyKind(enum.StrEnum):
+    GREETING = "greeting"
+    ANSWER = "answer"
+    APOLOGY = "apology"
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRecord:
+    """One turn as it happened. An agent turn's `text` is what the caller heard, `full_text` what was
+    written; `at_ms` is the audio-clock time of the end of the caller's speech or of the agent's first
+    audio (None when it never played)."""
+
+    speaker: Speaker
+    text: str
+    at_ms: int | None
+    reply_id: str | None = None
+    kind: ReplyKind | None = None
+    full_text: str | None = None
+    interrupted: bool = False
+    reply_latency_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallSummary:
+    """The media service's record of a call at its end (DESIGN.md section 2, rule 10)."""
+
+    turns: tuple[TurnRecord, ...]
+    end_reason: str | None
+    duration_ms: int
+    reply_latency_ms: tuple[int, ...] = ()
+    barge_in_ms: tuple[int, ...] = ()
+    provider_failures: tuple[str, ...] = field(default=())
+
+    @property
+    def turn_count(self) -> int:
+        return sum(1 for turn in self.turns if turn.speaker is Speaker.CALLER)
+
+    @property
+    def interruptions(self) -> int:
+        return sum(1 for turn in self.turns if turn.interrupted)
+
+    @property
+    def transcript(self) -> str:
+        """One line per turn as heard, `Agent:` / `Caller:`, interrupted replies marked."""
+        return "\n".join(
+            f"{'Agent' if turn.speaker is Speaker.AGENT else 'Caller'}: {turn.text}"
+            + (" [interrupted]" if turn.interrupted else "")
+            for turn in self.turns
+            if turn.text
+        )
