@@ -28,6 +28,7 @@ class CallRegistry:
     def __init__(self) -> None:
         self._runners: set[CallRunner] = set()
         self._by_sid: dict[str, CallRunner] = {}
+        self._waiters: dict[str, list[asyncio.Future[CallRunner]]] = {}
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -61,6 +62,24 @@ class CallRegistry:
     def _started(self, runner: CallRunner) -> None:
         # A resumed stream of the same call replaces the one before it.
         self._by_sid[runner.call_sid] = runner
+        for waiter in self._waiters.pop(runner.call_sid, []):
+            if not waiter.done():
+                waiter.set_result(runner)
+
+    async def wait_for(self, call_sid: str) -> CallRunner:
+        """The live call with this CallSid, as soon as its stream has started (bound it with a timeout)."""
+        if call_sid in self._by_sid:
+            return self._by_sid[call_sid]
+        waiter: asyncio.Future[CallRunner] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(call_sid, []).append(waiter)
+        try:
+            return await waiter
+        finally:
+            waiters = self._waiters.get(call_sid, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[call_sid]
 
     def inject(self, call_sid: str, event: Event) -> None:
         """Feed the live call an event, stamped with its audio clock's current reading."""

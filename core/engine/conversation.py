@@ -239,16 +239,17 @@ class Conversation:
     def _add_words(self, start_ms: int, end_ms: int, text: str, actions: list[Action]) -> None:
         """Rule 1: final words join the open turn; late words of a closed turn join the reply to it."""
         reply = self._reply
-        if start_ms < self._last_turn_end_ms and self.caller.state is C.SILENT:
-            # Late words of a turn that already closed (Deepgram was slow to finalize them).
-            if reply is not None and reply.kind is ReplyKind.ANSWER and reply.playback.first_audio_at_ms is None:
+        if start_ms < self._last_turn_end_ms and self.caller.state is C.SILENT and reply is not None:
+            # Late words of the turn the current reply answers (Deepgram was slow to finalize them).
+            if reply.caller_segments and reply.playback.first_audio_at_ms is None:
+                # Nothing heard yet: answer the whole turn instead (an apology gets another try, too).
                 self._stop_streams(reply, actions)
                 self._reply = None
                 self.agent.fire(AgentTrigger.CALLER_INTERRUPTED)
                 self._start_reply([*reply.caller_segments, (start_ms, text)], reply.speech_end_ms, actions)
                 return
-            if reply is not None and reply.kind is ReplyKind.ANSWER:
-                reply.caller_segments.append((start_ms, text))
+            if reply.caller_segments:
+                reply.caller_segments.append((start_ms, text))  # on the record; the model heard less
                 return
         if self.agent.state is A.HOLDING:
             self._drop_speculation(actions)  # it answered less than the caller has now said
@@ -368,11 +369,7 @@ class Conversation:
         return f"r{self._reply_count}"
 
     def _messages(self, caller_text: str) -> tuple[ChatMessage, ...]:
-        return (
-            ChatMessage(Role.SYSTEM, self.rules.system_prompt),
-            *self.history,
-            ChatMessage(Role.USER, caller_text),
-        )
+        return (ChatMessage(Role.SYSTEM, self.rules.system_prompt), *_with_caller_turn(self.history, caller_text))
 
     def _start_reply(
         self, segments: list[tuple[int, str]], speech_end_ms: int | None, actions: list[Action], *, held: bool = False
@@ -514,11 +511,7 @@ class Conversation:
         joined to the next one, so caller and agent messages alternate."""
         caller_text = reply.caller_text
         if caller_text:
-            last = self.history[-1] if self.history else None
-            if last is not None and last.role is Role.USER:
-                self.history[-1] = ChatMessage(Role.USER, f"{last.content} {caller_text}")
-            else:
-                self.history.append(ChatMessage(Role.USER, caller_text))
+            self.history = _with_caller_turn(self.history, caller_text)
             self._turns.append(TurnRecord(Speaker.CALLER, caller_text, reply.speech_end_ms))
         if heard:
             self.history.append(ChatMessage(Role.ASSISTANT, heard))
@@ -579,3 +572,12 @@ class Conversation:
             barge_in_ms=tuple(self._barge_ins),
             provider_failures=tuple(self._provider_failures),
         )
+
+
+def _with_caller_turn(history: list[ChatMessage], caller_text: str) -> list[ChatMessage]:
+    """The history with the caller's turn added: joined to the last message if that was the caller's
+    too (the reply between them was never heard), so the model sees caller and agent alternate."""
+    last = history[-1] if history else None
+    if last is not None and last.role is Role.USER:
+        return [*history[:-1], ChatMessage(Role.USER, f"{last.content} {caller_text}")]
+    return [*history, ChatMessage(Role.USER, caller_text)]

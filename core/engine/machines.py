@@ -257,8 +257,12 @@ class Hearing:
         self.listen_from_ms: float = float("inf")
 
     def agent_took_floor(self, now_ms: int) -> None:
+        # Already deaf (a reply restarted with late words): the floor was taken when it first was, and
+        # moving the window's start would let words said in between count as a new turn.
+        if self.machine.state is H.OPEN:
+            self.deaf_from_ms = now_ms
         self.machine.fire(HT.AGENT_TOOK_FLOOR)
-        self.deaf_from_ms, self.listen_from_ms = now_ms, float("inf")
+        self.listen_from_ms = float("inf")
 
     def listen_again(self, from_ms: float) -> None:
         self.machine.fire(HT.LISTEN_AGAIN)

@@ -20,11 +20,12 @@ from core.engine import (
     CALLER_TRANSITIONS,
     AgentState,
     CallerState,
+    CallPhase,
     Conversation,
     ConversationError,
     TurnRules,
 )
-from core.engine.machines import AgentTrigger, CallerTrigger
+from core.engine.machines import AgentTrigger, CallerTrigger, FlushState
 from core.events import (
     Action,
     AlignedChar,
@@ -45,6 +46,8 @@ from core.events import (
     MarkPlayed,
     PlaceMark,
     PlayAudio,
+    ProviderFailed,
+    ProviderRole,
     RecordMetric,
     SaveSummary,
     SendToStt,
@@ -53,6 +56,8 @@ from core.events import (
     Transcript,
     TtsAudio,
     TtsDone,
+    TtsFailed,
+    Unit,
     Word,
 )
 from core.records import ChatMessage, Role
@@ -73,6 +78,7 @@ class Call:
         alignment: bool = True,
         llm_failures: int = 0,
         tts_answers: bool = True,
+        finalize_answers: bool = True,
         **rules: Any,
     ) -> None:
         self.engine = Conversation(TurnRules.defaults(**{"greeting": "", **rules}))
@@ -81,6 +87,7 @@ class Call:
         self.alignment = alignment
         self.llm_failures = llm_failures
         self.tts_answers = tts_answers
+        self.finalize_answers = finalize_answers
         self.now = 0
         self.steps: list[tuple[int, list[Action]]] = []
         self.started: dict[str, tuple[ChatMessage, ...]] = {}
@@ -130,7 +137,7 @@ class Call:
 
     def _carry_out(self, action: Action) -> None:
         match action:
-            case FinalizeStt():
+            case FinalizeStt() if self.finalize_answers:
                 self._queue.append(Transcript(self.now, "", True, from_finalize=True))
             case StartLlm(reply_id=reply_id, messages=messages):
                 self.started[reply_id] = messages
@@ -415,6 +422,38 @@ def test_late_words_of_a_closed_turn_restart_a_reply_not_yet_heard() -> None:
     assert call.committed_prompts() == ["book a table"]
 
 
+def test_late_words_give_an_unheard_apology_another_try_with_the_whole_turn() -> None:
+    """Found by the stateful test: the apology answers the turn too, so late words restart it."""
+    call = Call(llm_failures=2, tts_answers=False, speculate_after_ms=10_000)
+    call.silence(1000)
+    call.speak(800)
+    call.silence(100)
+    call.words("book a", 1000, 1400)
+    call.silence(1900)  # the turn ends with "book a"; the model fails twice: the apology is queued
+    assert call.actions(SendTtsText)[-1].text == TurnRules.defaults().apology
+    call.words("table", 1400, 1800)
+    assert "r1" in call.cancelled_tts
+    assert call.actions(StartLlm)[-1].messages[-1].content == "book a table"
+    assert call.engine.agent_state is AgentState.THINKING and call.engine.caller_state is CallerState.SILENT
+
+
+def test_a_reply_restarted_by_late_words_keeps_the_floor_it_took_at_the_turns_end() -> None:
+    """Found by the stateful test: words said after the turn ended never open a turn while the agent answers."""
+    call = Call(speculate_after_ms=10_000, tts_answers=False)
+    call.silence(1000)
+    call.speak(800)
+    call.silence(100)
+    call.words("book a", 1000, 1400)
+    call.silence(1900)
+    turn_end = call.step_with(StartLlm)[0]
+    call.silence(40)
+    call.words("table", 1400, 1800)  # late: the reply restarts now, 40 ms after the turn ended
+    call.words("uh", turn_end + 10, turn_end + 30)  # said after the turn ended, before the restart
+    call.silence(3000)
+    assert call.engine.caller_state is CallerState.SILENT
+    assert call.committed_prompts() == ["book a table"]
+
+
 # -- rules 8, 9, 10: greeting, DTMF, call end ----------------------------------------------------
 
 
@@ -534,3 +573,69 @@ def test_a_stop_consonants_closure_does_not_delay_the_barge_in() -> None:
     at, _ = call.step_with(ClearPlayback)
     assert at - onset == 160
     assert call.engine.summary().barge_in_ms == (160,)
+
+
+# -- the call phase, the STT flush, failures -----------------------------------------------------------
+
+
+def test_the_call_phase_opens_on_start_and_ends_with_the_call() -> None:
+    engine = Conversation(TurnRules.defaults(greeting=""))
+    assert engine.phase.state is CallPhase.OPENING
+    engine.handle(CallStarted(0, "CA1", "MZ1"))
+    assert engine.phase.state is CallPhase.CONVERSING
+    engine.handle(CallEnded(20, "stop"))
+    assert engine.phase.state is CallPhase.ENDED
+
+
+@pytest.mark.parametrize("finalize_answers", [True, False])
+def test_speculation_waits_for_the_flush_and_the_turn_ends_at_the_threshold_either_way(finalize_answers: bool) -> None:
+    """Deepgram does not promise to answer `Finalize` when little audio is pending (UNCONFIRMED both ways)."""
+    call = Call(finalize_answers=finalize_answers)
+    call.silence(1000)
+    _, speech_end = caller_turn(call, "book a table")
+    call.silence(600)
+    assert call.engine.flush.state is (FlushState.FLUSHED if finalize_answers else FlushState.PENDING)
+    assert call.engine.agent_state is (AgentState.HOLDING if finalize_answers else AgentState.IDLE)
+    call.silence(1400)
+    assert call.step_with(PlayAudio)[0] == speech_end + 2000
+
+
+def test_a_provider_that_fails_for_good_is_on_the_record_once() -> None:
+    call = Call()
+    for _ in range(2):
+        step = call.feed(ProviderFailed(call.now, ProviderRole.STT, "Deepgram refused the connection with HTTP 401"))
+    assert call.actions(RecordMetric) == [RecordMetric("ProviderFailures", 1, Unit.COUNT)]
+    assert step == []
+    summary = call.engine.summary()
+    assert summary.provider_failures == ("speech-to-text: Deepgram refused the connection with HTTP 401",)
+
+
+def test_a_voice_that_fails_while_the_model_writes_closes_the_model_and_frees_the_agent() -> None:
+    call = Call(llm_finishes=False, tts_answers=False, speculate_after_ms=10_000)
+    call.silence(500)
+    caller_turn(call, "hello")
+    call.silence(2100)
+    reply_id = call.actions(StartLlm)[0].reply_id
+    step = call.feed(TtsFailed(call.now, reply_id, "HTTP 401"))
+    assert CancelLlm(reply_id) in step
+    assert call.engine.agent_state is AgentState.IDLE
+
+
+def test_a_reply_interrupted_before_a_word_was_heard_joins_the_callers_turns() -> None:
+    call = Call(ANSWER)
+    call.silence(500)
+    caller_turn(call, "book a table")
+    call.silence(1900)  # the threshold passes at the end of this: the reply's first audio goes out now
+    assert call.media and call.media[0][0] == call.now
+    onset = call.now
+    call.speak(160)  # a barge-in before any of it could be heard
+    assert call.actions(ClearPlayback)
+    call.speak(400)
+    call.silence(100)
+    call.words("for four", onset, onset + 560)
+    call.silence(6000)  # the second reply is asked for and heard out
+    assert call.engine.summary().turns[1].text == ""  # the first reply: nothing of it was heard
+    prompt = call.actions(StartLlm)[-1].messages
+    assert [m.role for m in prompt] == [Role.SYSTEM, Role.USER]
+    assert prompt[-1].content == "book a table for four"
+    assert call.engine.history == [ChatMessage(Role.USER, "book a table for four"), ChatMessage(Role.ASSISTANT, ANSWER)]
