@@ -17,6 +17,7 @@ import numpy.typing as npt
 
 SAMPLE_RATE = 8000
 FRAME_MS = 20
+FRAME_BYTES = SAMPLE_RATE * FRAME_MS // 1000  # µ-law: one byte a sample
 ULAW_SILENCE = 0xFF
 
 Int16Array = npt.NDArray[np.int16]
@@ -222,22 +223,30 @@ class VoiceActivityDetector:
         self._onset_ms: int | None = None
         self._last_voice_ms: int | None = None
 
-    def process(self, ulaw: bytes, timestamp_ms: int) -> VadFrame:
-        """Feed one frame of µ-law audio starting at `timestamp_ms` on the audio clock."""
+    def process(self, ulaw: bytes, timestamp_ms: int, echo_ceiling_dbfs: float | None = None) -> VadFrame:
+        """Feed one frame of µ-law audio starting at `timestamp_ms` on the audio clock.
+
+        `echo_ceiling_dbfs` is the loudest the agent's own echo could be now (`EchoGate`): a frame no
+        louder than that is explained by the echo, so it is neither voice nor line noise."""
         if not ulaw:
             return self._frame(False, False, _FLOOR_DB)
-        return self.process_samples(_DECODE[np.frombuffer(ulaw, np.uint8)], timestamp_ms)
+        return self.process_samples(_DECODE[np.frombuffer(ulaw, np.uint8)], timestamp_ms, echo_ceiling_dbfs)
 
-    def process_samples(self, samples: npt.NDArray[np.int16], timestamp_ms: int) -> VadFrame:
+    def process_samples(
+        self, samples: npt.NDArray[np.int16], timestamp_ms: int, echo_ceiling_dbfs: float | None = None
+    ) -> VadFrame:
         """The same for a frame already decoded to samples (8 kHz)."""
         config = self.config
         level = voice_band_level_dbfs(samples)
         end_ms = timestamp_ms + len(samples) * 1000 // SAMPLE_RATE
 
         floor = level if self.noise_floor_dbfs is None else self.noise_floor_dbfs
-        loud = level >= max(floor + config.margin_db, config.min_level_dbfs)
+        echo = echo_ceiling_dbfs is not None and level <= echo_ceiling_dbfs
+        loud = not echo and level >= max(floor + config.margin_db, config.min_level_dbfs)
 
-        if level < floor:
+        if echo:
+            pass  # the agent's own voice coming back says nothing about the line's noise
+        elif level < floor:
             floor += (level - floor) * config.floor_fall
         else:
             floor += (level - floor) * (config.floor_rise_in_speech if loud else config.floor_rise)
@@ -274,3 +283,59 @@ class VoiceActivityDetector:
             level_dbfs=level,
             noise_floor_dbfs=self.noise_floor_dbfs if self.noise_floor_dbfs is not None else _FLOOR_DB,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class EchoConfig:
+    min_delay_ms: int = 50  # the shortest path back: the line's and the handset's latency
+    max_delay_ms: int = 400  # the longest (a speakerphone on a mobile network)
+    min_attenuation_db: float = 10.0  # the loudest echo is this far below what was played
+    margin_db: float = 3.0  # level measurement noise between the two sides
+
+
+class EchoGate:
+    """The agent's own voice coming back on the caller's line is not the caller (DESIGN.md rule 4).
+
+    It remembers the voice-band level of every 20 ms of audio the caller was played, at the audio-clock
+    time it played. An inbound frame can contain the echo of anything played `min_delay_ms` to
+    `max_delay_ms` before it, at least `min_attenuation_db` quieter: `ceiling_dbfs` is the loudest such
+    echo could be. A frame no louder than that is explained by the echo; a caller talking over the echo
+    is louder than it and still counts. Cost: one level per played frame, a dozen look-ups per inbound one.
+    """
+
+    def __init__(self, config: EchoConfig | None = None) -> None:
+        self.config = config or EchoConfig()
+        self._levels: dict[int, float] = {}  # 20 ms slot of the audio clock -> level played then
+        self._oldest_slot = 0
+
+    def played(self, ulaw: bytes, start_ms: float) -> None:
+        """`ulaw` starts playing to the caller at `start_ms` on the audio clock."""
+        first = int(start_ms) // FRAME_MS
+        if not self._levels:
+            self._oldest_slot = max(self._oldest_slot, first)
+        for index in range(0, len(ulaw), FRAME_BYTES):
+            samples = _DECODE[np.frombuffer(ulaw[index : index + FRAME_BYTES], np.uint8)]
+            slot = first + index // FRAME_BYTES
+            self._levels[slot] = max(self._levels.get(slot, _FLOOR_DB), voice_band_level_dbfs(samples))
+
+    def cleared(self, at_ms: float) -> None:
+        """Playback stopped at `at_ms`: what was queued after it never played."""
+        cut = int(at_ms) // FRAME_MS + 1
+        for slot in [slot for slot in self._levels if slot >= cut]:
+            del self._levels[slot]
+
+    def ceiling_dbfs(self, at_ms: int) -> float | None:
+        """The loudest echo a frame starting at `at_ms` could carry; None when nothing played recently."""
+        if not self._levels:
+            return None
+        config = self.config
+        first = (at_ms - config.max_delay_ms) // FRAME_MS
+        last = (at_ms + FRAME_MS - config.min_delay_ms) // FRAME_MS
+        if first > self._oldest_slot:  # forget what can no longer echo
+            for slot in range(self._oldest_slot, first):
+                self._levels.pop(slot, None)
+            self._oldest_slot = first
+        loudest = max((self._levels.get(slot, _FLOOR_DB) for slot in range(first, last + 1)), default=_FLOOR_DB)
+        if loudest <= _FLOOR_DB:
+            return None
+        return loudest - config.min_attenuation_db + config.margin_db

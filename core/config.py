@@ -98,6 +98,19 @@ def optional_url(*schemes: str) -> Callable[[str], str | None]:
     return parse
 
 
+def word_list(raw: str) -> tuple[str, ...]:
+    """Comma-separated words, compared as `normalize_word` leaves them."""
+    words = tuple(dict.fromkeys(normalize_word(word) for word in raw.split(",") if normalize_word(word)))
+    if not words:
+        raise ValueError("has no words")
+    return words
+
+
+def normalize_word(word: str) -> str:
+    """A word as the engine compares it: lower case, no surrounding punctuation ("Mm-hm." -> "mm-hm")."""
+    return word.strip().strip(".,!?;:\"'()").lower()
+
+
 def one_of(*choices: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         if raw not in choices:
@@ -252,6 +265,23 @@ class ConversationSettings:
     vad_min_speech_ms: int = setting(
         "VAD_MIN_SPEECH_MS", non_negative_int, "the shortest sound taken as speech in ms, e.g. 60", "60"
     )
+
+    barge_in_confirm_ms: int = setting("BARGE_IN_CONFIRM_MS", non_negative_int, _MS, "700")
+    resume_window_ms: int = setting("RESUME_WINDOW_MS", non_negative_int, _MS, "1200")
+    backchannel_words: tuple[str, ...] = setting(
+        "BACKCHANNEL_WORDS",
+        word_list,
+        "comma-separated words that never interrupt the agent, e.g. mm-hm,uh-huh,yeah,okay,right",
+        "mm-hm,mm-hmm,mhm,mm,hmm,hm,uh-huh,uh,um,yeah,yep,yes,ok,okay,right,sure,alright",
+    )
+
+    def __post_init__(self) -> None:
+        if self.resume_window_ms < self.barge_in_confirm_ms:
+            raise ConfigError(
+                "RESUME_WINDOW_MS",
+                f"{self.resume_window_ms} ms is shorter than BARGE_IN_CONFIRM_MS ({self.barge_in_confirm_ms} ms)",
+                "a window at least as long as the confirmation, e.g. 1200 with 700",
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Self:

@@ -75,6 +75,7 @@ class CallSummary:
     reply_latency_ms: tuple[int, ...] = ()
     barge_in_ms: tuple[int, ...] = ()
     provider_failures: tuple[str, ...] = field(default=())
+    false_barge_ins: int = 0  # stops that were a cough, a click or an "mm-hm", and resumed (rule 4)
 
     @property
     def turn_count(self) -> int:

@@ -194,6 +194,7 @@ class CallStore:
             ":turn_count": summary.turn_count,
             ":latency": {"reply_ms": list(summary.reply_latency_ms), "barge_in_ms": list(summary.barge_in_ms)},
             ":interruptions": summary.interruptions,
+            ":false_barge_ins": summary.false_barge_ins,
             ":end_reason": summary.end_reason or "unknown",
             ":media_duration_ms": summary.duration_ms,
         }
@@ -204,6 +205,7 @@ class CallStore:
             "turn_count = :turn_count",
             "latency = :latency",
             "interruptions = :interruptions",
+            "false_barge_ins = :false_barge_ins",
             "end_reason = :end_reason",
             "media_duration_ms = :media_duration_ms",
             "media_completed_at = :now",

@@ -24,13 +24,21 @@ same `Reply` with its playback held. When a reply is committed to the history, w
 the caller heard (rule 6), cut by its `Playback` ledger (`core/engine/playback.py`).
 
 Caller speech heard while the agent is THINKING or SPEAKING does not count toward a turn unless it
-lasts `barge_in_min_speech_ms`: then it interrupts (rule 4) and the turn it starts begins at its onset.
-Anything shorter, and any word Deepgram places while the agent held the floor, is discarded (rule 5).
+lasts `barge_in_min_speech_ms` and is not the agent's own echo (`EchoGate`): then playback stops at
+once (rule 4) and the agent is STOPPED, its reply alive and its audio kept. A word of the interruption
+that is not a backchannel, or `barge_in_confirm_ms` of speech, confirms it: the reply is cancelled and
+the interruption opens the next turn. Neither within `resume_window_ms`, and it was a cough or an
+"mm-hm": the agent resumes from the start of the word the caller was hearing, and what was said
+meanwhile never enters a turn. Anything shorter, and any word Deepgram places while the agent held the
+floor, is discarded (rule 5).
 """
 
 from __future__ import annotations
 
-from core.audio import SAMPLE_RATE, VoiceActivityDetector
+import dataclasses
+
+from core.audio import SAMPLE_RATE, EchoGate, VoiceActivityDetector
+from core.config import normalize_word
 from core.engine.machines import (
     AGENT_TRANSITIONS,
     CALLER_TRANSITIONS,
@@ -89,6 +97,16 @@ _NO_ACTIONS: list[Action] = []
 A, C = AgentState, CallerState
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Stop:
+    """A barge-in not yet confirmed (rule 4): when it began, and what the caller had heard by then."""
+
+    onset_ms: int
+    heard: str  # the reply's text up to the word being heard
+    resume_at_ms: float  # that word's start in the reply's audio
+    was_playing: bool  # False when the reply had no audio out yet (THINKING)
+
+
 class Conversation:
     """One call's turn-taking. Feed `handle(event)`; carry out the actions it returns, in order."""
 
@@ -103,6 +121,10 @@ class Conversation:
         self.call_sid = ""
         self.stream_sid = ""
         self._vad = VoiceActivityDetector(self.rules.vad)
+        self._echo = EchoGate(self.rules.echo)
+        self._play_until_ms = 0.0  # when the audio sent so far ends playing, on the audio clock
+        self._stop: _Stop | None = None  # while the agent is STOPPED
+        self._caller_sounding = False  # the detector hears the caller now
         self._segments: list[tuple[int, str]] = []
         self._activity_ms = 0  # last caller voice, word or key of the open turn
         self._speech_counts = False  # whether the detector's current speech belongs to a turn
@@ -114,6 +136,7 @@ class Conversation:
         self._reply_latencies: list[int] = []
         self._barge_ins: list[int] = []
         self._provider_failures: list[str] = []
+        self._false_barge_ins = 0
 
     @property
     def caller_state(self) -> CallerState:
@@ -167,7 +190,17 @@ class Conversation:
 
     def _on_clock(self, now: int, actions: list[Action]) -> None:
         """The audio clock reached `now`: check every rule that waits for a time."""
-        if self.caller.state is C.PAUSED:
+        stop = self._stop
+        if stop is not None:
+            # Rule 4: an interruption neither confirmed within the window, nor still going on, was not one.
+            window_over = now - stop.onset_ms >= self.rules.resume_window_ms
+            turn_over = self.caller.state is C.PAUSED and now - self._activity_ms >= self.rules.silence_threshold_ms
+            if window_over or turn_over:
+                if self._caller_sounding:
+                    self._confirm_barge_in(actions)
+                else:
+                    self._resume(actions)
+        if self.caller.state is C.PAUSED and self._stop is None:
             pause = now - self._activity_ms
             if pause >= self.rules.silence_threshold_ms:
                 self._end_turn(now, actions)
@@ -182,17 +215,18 @@ class Conversation:
         actions.append(SendToStt(event.ulaw))
         now = event.at_ms + len(event.ulaw) * 1000 // SAMPLE_RATE
         self._now_ms = max(self._now_ms, now)
-        frame = self._vad.process(event.ulaw, event.at_ms)
+        frame = self._vad.process(event.ulaw, event.at_ms, self._echo.ceiling_dbfs(event.at_ms))
+        self._caller_sounding = frame.speaking
         if frame.started and frame.onset_ms is not None:
             self._on_speech_started(frame.onset_ms, actions)
         if frame.speaking and frame.onset_ms is not None:
+            # Voiced time, not the detector's hangover after a short "mm-hm".
+            voiced_ms = now - frame.onset_ms if now - (frame.last_voice_ms or now) <= self.rules.barge_in_gap_ms else 0
             if self._speech_counts:
                 self._activity_ms = max(self._activity_ms, frame.last_voice_ms or now)
-            elif (
-                now - frame.onset_ms >= self.rules.barge_in_min_speech_ms
-                and now - (frame.last_voice_ms or now) <= self.rules.barge_in_gap_ms
-            ):
-                # Voiced time, not the detector's hangover after a short "mm-hm".
+                if self._stop is not None and voiced_ms >= self.rules.barge_in_confirm_ms:
+                    self._confirm_barge_in(actions)  # rule 4: long enough to be meant, words or not
+            elif voiced_ms >= self.rules.barge_in_min_speech_ms:
                 self._barge_in(frame.onset_ms, actions)
         if frame.ended and self._speech_counts:
             self._speech_counts = False
@@ -203,8 +237,8 @@ class Conversation:
     def _on_speech_started(self, onset_ms: int, actions: list[Action]) -> None:
         if self.agent.state in (A.THINKING, A.SPEAKING):
             return  # it counts only if it lasts long enough to interrupt (checked per frame)
-        if self.agent.state is A.HOLDING:
-            self._drop_speculation(actions)
+        # While HOLDING, the sound extends the turn but the held reply stays: only new words make it
+        # answer less than the caller said (`_add_words`). A cough costs no second model request.
         self._open_speech(onset_ms)
 
     def _open_speech(self, onset_ms: int) -> None:
@@ -233,6 +267,10 @@ class Conversation:
             start_ms, end_ms = event.start_ms, event.end_ms
         if text:
             self._add_words(start_ms, end_ms, text, actions)
+            if self._stop is not None and any(
+                normalize_word(word) not in self.rules.backchannel_words for word in text.split()
+            ):
+                self._confirm_barge_in(actions)  # rule 4: a word of it that is not a backchannel
         if event.speech_final:
             self._consider_speculation(actions, speech_final=True)
 
@@ -316,29 +354,66 @@ class Conversation:
     # -- rule 4: barge-in ------------------------------------------------------------------------------
 
     def _barge_in(self, onset_ms: int, actions: list[Action], *, by_voice: bool = True) -> None:
-        """Rule 4: caller speech (or a key) while the agent is about to speak or speaking: stop it now,
-        in this step (clear, voice closed, model closed). The interrupting speech opens the next turn."""
+        """Rule 4: caller speech (or a key) while the agent is about to speak or speaking: stop playback
+        now, in this step, and keep the reply until the interruption is confirmed or dismissed. The
+        interrupting speech opens the next turn."""
         reply = self._reply
-        if self.agent.state is A.SPEAKING and reply is not None:
-            actions.append(ClearPlayback())
-            self._stop_streams(reply, actions)
-            latency = self._now_ms - onset_ms
-            actions.append(RecordMetric("BargeIn", latency, Unit.MILLISECONDS, reply.id))
-            self._barge_ins.append(latency)
-            self._commit_reply(reply, reply.playback.heard_text(reply.text, self._now_ms), interrupted=True)
-            self._reply = None
+        if self.agent.state in (A.SPEAKING, A.THINKING) and reply is not None:
+            was_playing = self.agent.state is A.SPEAKING
+            if was_playing:
+                actions.append(ClearPlayback())
+                self._play_until_ms = self._now_ms
+                self._echo.cleared(self._now_ms)
+                latency = self._now_ms - onset_ms
+                actions.append(RecordMetric("BargeIn", latency, Unit.MILLISECONDS, reply.id))
+                self._barge_ins.append(latency)
+            heard = reply.playback.heard_text(reply.text, self._now_ms)
+            resume_at = reply.playback.stop(reply.text, self._now_ms)
+            self._stop = _Stop(onset_ms, heard, resume_at, was_playing)
             self.agent.fire(AgentTrigger.BARGE_IN)
-        elif self.agent.state is A.THINKING and reply is not None:
-            self._stop_streams(reply, actions)
-            # Nothing was heard: the caller is still in the turn the reply was answering.
-            if self.caller.state is C.SILENT:
-                self._segments = []
-            self._segments = [*reply.caller_segments, *self._segments]
-            self._reply = None
-            self.agent.fire(AgentTrigger.CALLER_INTERRUPTED)
         self.hearing.listen_again(onset_ms - self.rules.word_slack_ms)
         if by_voice:
             self._open_speech(onset_ms)
+
+    def _confirm_barge_in(self, actions: list[Action]) -> None:
+        """Rule 4: the interruption was meant. The reply's model and voice are closed, the history keeps
+        what the caller heard, and the interruption goes on as the caller's turn."""
+        reply, stop = self._reply, self._stop
+        assert reply is not None and stop is not None, "confirming with no stopped reply"
+        self._stop = None
+        self._stop_streams(reply, actions)
+        if stop.was_playing:
+            self._commit_reply(reply, stop.heard, interrupted=True)
+        else:
+            # Nothing was heard: the caller is still in the turn the reply was answering.
+            self._segments = [*reply.caller_segments, *self._segments]
+        self._reply = None
+        self.agent.fire(AgentTrigger.CONFIRMED)
+        actions.append(RecordMetric("BargeInConfirmed", 1, Unit.COUNT, reply.id))
+
+    def _resume(self, actions: list[Action]) -> None:
+        """Rule 4: no word and not long enough: a cough, a click, a breath or an "mm-hm". The agent goes on
+        from the start of the word the caller was hearing; what was said meanwhile is dropped (rule 5)."""
+        reply, stop = self._reply, self._stop
+        assert reply is not None and stop is not None, "resuming with no stopped reply"
+        self._stop = None
+        self._segments = []
+        self._speech_counts = False
+        self.flush.fire(FlushTrigger.RESET)
+        self.caller.fire(CallerTrigger.SOUND_DISMISSED)
+        self.hearing.agent_resumed()
+        self._false_barge_ins += 1
+        actions.append(RecordMetric("FalseBargeIn", 1, Unit.COUNT, reply.id))
+        if stop.was_playing:
+            actions.append(RecordMetric("ResumeDelay", self._now_ms - stop.onset_ms, Unit.MILLISECONDS, reply.id))
+            self.agent.fire(AgentTrigger.RESUME)
+            pieces = reply.playback.resume_from(stop.resume_at_ms, self._now_ms)
+        else:
+            self.agent.fire(AgentTrigger.RESUME_BEFORE_AUDIO)
+            pieces = reply.playback.release()
+        for ulaw, mark in pieces:
+            self._play(reply, ulaw, mark, actions)
+        self._finish_if_heard_out(reply)
 
     # -- rule 5: what the agent does not hear while it holds the floor -----------------------------------
 
@@ -352,7 +427,9 @@ class Conversation:
     def _on_dtmf(self, event: DtmfPressed, actions: list[Action]) -> None:
         """Rule 9: a key is part of the caller's turn, and interrupts the agent at once (rule 4)."""
         if self.agent.state in (A.THINKING, A.SPEAKING):
-            self._barge_in(event.at_ms, actions, by_voice=False)  # a key press is deliberate
+            self._barge_in(event.at_ms, actions, by_voice=False)
+        if self._stop is not None:
+            self._confirm_barge_in(actions)  # a key press is deliberate: confirmed at once
         elif self.agent.state is A.HOLDING:
             self._drop_speculation(actions)
         if self.caller.state is C.SILENT:
@@ -472,7 +549,10 @@ class Conversation:
         """Rule 3: every piece of audio goes out followed by its mark."""
         actions.append(PlayAudio(ulaw))
         actions.append(PlaceMark(mark))
-        if reply.playback.started_playing(self._now_ms):
+        plays_at = max(self._play_until_ms, self._now_ms)
+        self._echo.played(ulaw, plays_at)
+        self._play_until_ms = plays_at + len(ulaw) * 1000 / SAMPLE_RATE
+        if reply.playback.sent(mark, ulaw, plays_at, self._now_ms):
             if reply.speech_end_ms is not None:
                 latency = self._now_ms - reply.speech_end_ms
                 actions.append(RecordMetric("ReplyLatency", latency, Unit.MILLISECONDS, reply.id))
@@ -546,14 +626,16 @@ class Conversation:
 
     def _on_end(self, event: CallEnded, actions: list[Action]) -> None:
         """Rule 10: everything is cancelled and closed, and the call's summary is saved."""
-        reply = self._reply
+        reply, stop = self._reply, self._stop
         if reply is not None:
             self._stop_streams(reply, actions)
-            if reply.playback.first_audio_at_ms is not None:
+            if stop is not None and stop.was_playing:
+                self._commit_reply(reply, stop.heard, interrupted=True)
+            elif reply.playback.first_audio_at_ms is not None:
                 self._commit_reply(reply, reply.playback.heard_text(reply.text, self._now_ms), interrupted=True)
-            elif reply.caller_text and not reply.playback.held:  # a held reply's words are still in _segments
+            elif reply.caller_text and self.agent.state is not A.HOLDING:  # a held reply's words are in _segments
                 self._turns.append(TurnRecord(Speaker.CALLER, reply.caller_text, reply.speech_end_ms))
-            self._reply = None
+            self._reply, self._stop = None, None
         if join_segments(self._segments):
             self._turns.append(TurnRecord(Speaker.CALLER, join_segments(self._segments), self._activity_ms))
         self.caller.fire(CallerTrigger.CALL_ENDED)
@@ -571,6 +653,7 @@ class Conversation:
             reply_latency_ms=tuple(self._reply_latencies),
             barge_in_ms=tuple(self._barge_ins),
             provider_failures=tuple(self._provider_failures),
+            false_barge_ins=self._false_barge_ins,
         )
 
 

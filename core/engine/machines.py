@@ -20,15 +20,19 @@ audio, not to the conversation, and the engine only reads its verdicts.)
   (rule 1).
 * **Agent** (one per call): IDLE -> HOLDING (a speculative reply whose audio is held back, rule 7) ->
   THINKING (committed, no audio out yet) -> SPEAKING (until the reply's last mark is echoed, rule 3)
-  -> IDLE. Barge-in is SPEAKING -> IDLE (rule 4); the caller going on sends HOLDING -> IDLE.
+  -> IDLE. Barge-in (rule 4) is THINKING or SPEAKING -> STOPPED: playback cleared, the reply kept
+  alive; then CONFIRMED -> IDLE (a real interruption) or RESUME -> SPEAKING (or THINKING, if nothing
+  had played yet) when it was a cough, a click or an "mm-hm". The caller going on sends HOLDING -> IDLE.
 * **Call phase** (one per call, DESIGN.md section 2): OPENING -> CONVERSING -> CLOSING -> ENDED. An
   inbound call is CONVERSING from `start`; CLOSING is where the last words play out to their last mark.
 * **STT flush** (one per call): IDLE -> PENDING (`Finalize` sent, Deepgram's `from_finalize` answer not
   yet in) -> FLUSHED; any new caller activity RESETs it. Speculation waits for FLUSHED, so it answers
   every word said so far (rule 7).
 * **Hearing** (one per call): OPEN -> DEAF when the agent takes the floor; DEAF -> OPEN when it gives the
-  floor back (its reply finished, or the caller barged in). Words said while DEAF are discarded (rule 5);
-  the window's bounds are on the audio clock, so late transcripts are judged by when they were said.
+  floor back (its reply finished, or the caller barged in); OPEN -> DEAF again, from the same start,
+  when a barge-in turns out to be a cough and the agent resumes. Words said while DEAF are discarded
+  (rule 5); the window's bounds are on the audio clock, so late transcripts are judged by when they
+  were said.
 * **Reply streams** (one per reply): WRITING (the model streams text to the voice) -> VOICING (all text
   sent, the voice's last audio on its way) -> VOICED; or CANCELLED. A greeting starts VOICING: it has
   no model.
@@ -56,6 +60,7 @@ class CallerTrigger(enum.Enum):
     WORDS_HEARD = "words_heard"
     KEY_PRESSED = "key_pressed"
     TURN_ENDED = "turn_ended"
+    SOUND_DISMISSED = "sound_dismissed"
     CALL_ENDED = "call_ended"
 
 
@@ -67,6 +72,7 @@ class AgentState(enum.Enum):
     HOLDING = "HOLDING"
     THINKING = "THINKING"
     SPEAKING = "SPEAKING"
+    STOPPED = "STOPPED"
     ENDED = "ENDED"
 
 
@@ -80,6 +86,9 @@ class AgentTrigger(enum.Enum):
     CALLER_INTERRUPTED = "caller_interrupted"
     REPLY_FINISHED = "reply_finished"
     BARGE_IN = "barge_in"
+    CONFIRMED = "confirmed"
+    RESUME = "resume"
+    RESUME_BEFORE_AUDIO = "resume_before_audio"
     CALL_ENDED = "call_ended"
 
 
@@ -125,6 +134,7 @@ class HearingState(enum.Enum):
 class HearingTrigger(enum.Enum):
     AGENT_TOOK_FLOOR = "agent_took_floor"
     LISTEN_AGAIN = "listen_again"
+    AGENT_RESUMED = "agent_resumed"
 
 
 # -- reply streams (one per reply) -------------------------------------------------------------------
@@ -155,12 +165,14 @@ CALLER_TRANSITIONS: dict[CallerState, dict[CallerTrigger, CallerState]] = {
         CT.SPEECH_STARTED: C.SPEAKING,
         CT.WORDS_HEARD: C.PAUSED,
         CT.KEY_PRESSED: C.PAUSED,
+        CT.SOUND_DISMISSED: C.SILENT,
         CT.CALL_ENDED: C.ENDED,
     },
     C.SPEAKING: {
         CT.SPEECH_ENDED: C.PAUSED,
         CT.WORDS_HEARD: C.SPEAKING,
         CT.KEY_PRESSED: C.SPEAKING,
+        CT.SOUND_DISMISSED: C.SILENT,
         CT.CALL_ENDED: C.ENDED,
     },
     C.PAUSED: {
@@ -168,6 +180,7 @@ CALLER_TRANSITIONS: dict[CallerState, dict[CallerTrigger, CallerState]] = {
         CT.WORDS_HEARD: C.PAUSED,
         CT.KEY_PRESSED: C.PAUSED,
         CT.TURN_ENDED: C.SILENT,
+        CT.SOUND_DISMISSED: C.SILENT,
         CT.CALL_ENDED: C.ENDED,
     },
     C.ENDED: {},
@@ -179,10 +192,17 @@ AGENT_TRANSITIONS: dict[AgentState, dict[AgentTrigger, AgentState]] = {
     A.THINKING: {
         AT.FIRST_AUDIO: A.SPEAKING,
         AT.CALLER_INTERRUPTED: A.IDLE,
+        AT.BARGE_IN: A.STOPPED,
         AT.REPLY_FINISHED: A.IDLE,
         AT.CALL_ENDED: A.ENDED,
     },
-    A.SPEAKING: {AT.REPLY_FINISHED: A.IDLE, AT.BARGE_IN: A.IDLE, AT.CALL_ENDED: A.ENDED},
+    A.SPEAKING: {AT.REPLY_FINISHED: A.IDLE, AT.BARGE_IN: A.STOPPED, AT.CALL_ENDED: A.ENDED},
+    A.STOPPED: {
+        AT.CONFIRMED: A.IDLE,
+        AT.RESUME: A.SPEAKING,
+        AT.RESUME_BEFORE_AUDIO: A.THINKING,
+        AT.CALL_ENDED: A.ENDED,
+    },
     A.ENDED: {},
 }
 
@@ -200,7 +220,7 @@ FLUSH_TRANSITIONS: dict[FlushState, dict[FlushTrigger, FlushState]] = {
 }
 
 HEARING_TRANSITIONS: dict[HearingState, dict[HearingTrigger, HearingState]] = {
-    H.OPEN: {HT.AGENT_TOOK_FLOOR: H.DEAF, HT.LISTEN_AGAIN: H.OPEN},
+    H.OPEN: {HT.AGENT_TOOK_FLOOR: H.DEAF, HT.LISTEN_AGAIN: H.OPEN, HT.AGENT_RESUMED: H.DEAF},
     H.DEAF: {HT.AGENT_TOOK_FLOOR: H.DEAF, HT.LISTEN_AGAIN: H.OPEN},
 }
 
@@ -267,6 +287,11 @@ class Hearing:
     def listen_again(self, from_ms: float) -> None:
         self.machine.fire(HT.LISTEN_AGAIN)
         self.listen_from_ms = from_ms
+
+    def agent_resumed(self) -> None:
+        """The floor is the agent's again as if never given up: the window reaches back to its start."""
+        self.machine.fire(HT.AGENT_RESUMED)
+        self.listen_from_ms = float("inf")
 
     def hears(self, said_at_ms: float) -> bool:
         return not self.deaf_from_ms <= said_at_ms < self.listen_from_ms

@@ -14,6 +14,9 @@ is the ledger of its audio on the caller's line (DESIGN.md section 2, rules 3 an
 * What was heard of an interrupted reply is the text up to the playback position: by alignment where
   ElevenLabs sent it, else in proportion to the audio played; never a half-heard word.
 * A reply has been heard out when its voice is done and its last mark was played: `heard_out`.
+* A barge-in stops playback (rule 4) but keeps the reply: all its audio stays here, and if the
+  interruption was a cough it is played again from the start of the word the caller was hearing,
+  with new marks (the old ones, echoed by the clear, name nothing any more).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ _SENTENCE_ENDS = frozenset(".!?")
 class Playback:
     __slots__ = (
         "aligned",
+        "audio",
         "audio_ms",
         "first_audio_at_ms",
         "held",
@@ -41,6 +45,7 @@ class Playback:
         "played_mark_at_ms",
         "played_ms",
         "reply_id",
+        "schedule",
     )
 
     def __init__(self, reply_id: str, *, held: bool) -> None:
@@ -54,6 +59,9 @@ class Playback:
         self.played_mark_at_ms: int | None = None  # when that mark was echoed
         self.first_audio_at_ms: int | None = None  # when the first audio went to the caller
         self.aligned: list[tuple[float, float, str]] = []  # (start, end, char), reply time
+        self.audio: list[tuple[float, bytes]] = []  # every piece of the reply's audio, at its reply time
+        # (audio-clock time it starts playing, reply time it starts at, duration) of every piece sent
+        self.schedule: list[tuple[float, float, float]] = []
 
     @property
     def has_audio(self) -> bool:
@@ -73,15 +81,19 @@ class Playback:
             )
         pieces: list[tuple[bytes, str]] = []
         for piece in _split_at_sentences(ulaw, alignment):
+            self.audio.append((self.audio_ms, piece))
             self.audio_ms += len(piece) * 1000 / SAMPLE_RATE
-            self.mark_count += 1
-            name = f"{self.reply_id}.{self.mark_count}"
-            self.mark_offsets[name] = self.audio_ms
-            pieces.append((piece, name))
+            pieces.append((piece, self._new_mark(self.audio_ms)))
         if self.held:
             self.held_audio.extend(pieces)
             return []
         return pieces
+
+    def _new_mark(self, offset_ms: float) -> str:
+        self.mark_count += 1
+        name = f"{self.reply_id}.{self.mark_count}"
+        self.mark_offsets[name] = offset_ms
+        return name
 
     def release(self) -> list[tuple[bytes, str]]:
         """The speculation is committed: everything held goes out now, in order."""
@@ -89,8 +101,11 @@ class Playback:
         held, self.held_audio = self.held_audio, []
         return held
 
-    def started_playing(self, now_ms: int) -> bool:
-        """Note audio going out; True for the reply's first audio."""
+    def sent(self, mark: str, ulaw: bytes, plays_at_ms: float, now_ms: int) -> bool:
+        """A piece went to the caller; it plays from `plays_at_ms` (after what is queued before it).
+        True for the reply's first audio."""
+        duration = len(ulaw) * 1000 / SAMPLE_RATE
+        self.schedule.append((plays_at_ms, self.mark_offsets[mark] - duration, duration))
         if self.first_audio_at_ms is not None:
             return False
         self.first_audio_at_ms = now_ms
@@ -105,25 +120,75 @@ class Playback:
         self.played_mark_at_ms = at_ms
         return True
 
+    def _position(self, now_ms: int) -> float:
+        """How far into the reply's audio the caller's playback is at `now_ms`: where the schedule of
+        what was sent says it is, but never past the last echoed mark plus the time since (Twilio may
+        play later than sent) and never before that mark (it was heard)."""
+        estimate = 0.0
+        for plays_at, offset, duration in reversed(self.schedule):
+            if plays_at <= now_ms:
+                estimate = offset + min(duration, now_ms - plays_at)
+                break
+        if self.played_mark_at_ms is not None:
+            estimate = max(self.played_ms, min(estimate, self.played_ms + (now_ms - self.played_mark_at_ms)))
+        return min(estimate, self.audio_ms)
+
+    def _word_being_heard(self, text: str, now_ms: int) -> tuple[str, float]:
+        """The text heard before the word being heard at `now_ms`, and where that word starts."""
+        played = self._position(now_ms)
+        if self.aligned:
+            index = next((i for i, (_, end, _) in enumerate(self.aligned) if end > played), len(self.aligned))
+            if index == len(self.aligned):
+                return "".join(char for _, _, char in self.aligned), self.audio_ms
+            if not self.aligned[index][2].isspace():
+                while index > 0 and not self.aligned[index - 1][2].isspace():
+                    index -= 1  # no half-heard word: back to its start
+            return "".join(char for _, _, char in self.aligned[:index]), self.aligned[index][0]
+        if self.audio_ms <= 0 or not text:
+            return "", 0.0
+        cut = int(len(text) * played / self.audio_ms)
+        if cut >= len(text):
+            return text, self.audio_ms
+        if not text[cut].isspace():
+            while cut > 0 and not text[cut - 1].isspace():
+                cut -= 1
+        return text[:cut], cut / len(text) * self.audio_ms
+
     def heard_text(self, text: str, now_ms: int) -> str:
-        """What the caller heard of `text` if playback stops at `now_ms` (rule 6)."""
+        """What the caller heard of `text` if playback stops at `now_ms` (rule 6): never a half-heard word."""
         if self.first_audio_at_ms is None:
             return ""
-        if self.played_mark_at_ms is not None:
-            played = self.played_ms + (now_ms - self.played_mark_at_ms)
-        else:
-            played = now_ms - self.first_audio_at_ms
-        played = min(played, self.audio_ms)
-        if self.aligned:
-            heard = [char for _, end, char in self.aligned if end <= played]
-            unheard = [char for _, end, char in self.aligned if end > played]
-            spoken, next_char = "".join(heard), (unheard[0] if unheard else "")
-        else:
-            cut = int(len(text) * played / self.audio_ms) if self.audio_ms > 0 else 0
-            spoken, next_char = text[:cut], text[cut : cut + 1]
-        if next_char and not next_char.isspace() and spoken and not spoken[-1].isspace():
-            spoken = spoken.rsplit(" ", 1)[0] if " " in spoken else ""  # no half-heard word
-        return spoken.strip()
+        return self._word_being_heard(text, now_ms)[0].strip()
+
+    def stop(self, text: str, now_ms: int) -> float:
+        """Playback was cleared at `now_ms` (rule 4): hold what comes next, forget the marks the clear
+        echoes, and return where a resume starts (the start of the word being heard)."""
+        resume_at = self._word_being_heard(text, now_ms)[1] if self.first_audio_at_ms is not None else 0.0
+        self.held = True
+        self.mark_offsets.clear()
+        # What was queued behind the clear never played.
+        self.schedule = [
+            (plays_at, offset, min(duration, now_ms - plays_at))
+            for plays_at, offset, duration in self.schedule
+            if plays_at < now_ms
+        ]
+        return resume_at
+
+    def resume_from(self, offset_ms: float, now_ms: int) -> list[tuple[bytes, str]]:
+        """Play the reply again from `offset_ms` of its audio, starting now: the pieces, newly marked."""
+        self.held = False
+        self.held_audio = []
+        pieces: list[tuple[bytes, str]] = []
+        for start, piece in self.audio:
+            end = start + len(piece) * 1000 / SAMPLE_RATE
+            if end <= offset_ms:
+                continue
+            if start < offset_ms:
+                piece = piece[int((offset_ms - start) * SAMPLE_RATE / 1000) :]
+            if piece:
+                pieces.append((piece, self._new_mark(end)))
+        self.played_ms, self.played_mark_at_ms = offset_ms, now_ms
+        return pieces
 
 
 @dataclasses.dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Self
 
-from core.audio import VadConfig
+from core.audio import EchoConfig, VadConfig
 from core.config import ConversationSettings
 
 
@@ -22,6 +22,10 @@ class TurnRules:
     greeting: str
     system_prompt: str
     vad: VadConfig
+    barge_in_confirm_ms: int
+    resume_window_ms: int
+    backchannel_words: frozenset[str]
+    echo: EchoConfig = dataclasses.field(default_factory=EchoConfig)
     apology: str = "Sorry, I'm having trouble answering right now. Could you say that again?"
     # Deepgram's word times and the detector's onset disagree by a few tens of ms.
     word_slack_ms: int = 120
@@ -43,6 +47,9 @@ class TurnRules:
                 min_level_dbfs=settings.vad_min_level_dbfs,
                 min_speech_ms=settings.vad_min_speech_ms,
             ),
+            barge_in_confirm_ms=settings.barge_in_confirm_ms,
+            resume_window_ms=settings.resume_window_ms,
+            backchannel_words=frozenset(settings.backchannel_words),
         )
 
     @classmethod

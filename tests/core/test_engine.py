@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from core.audio import samples_to_ulaw
+from core.audio import samples_to_ulaw, ulaw_to_samples
 from core.engine import (
     AGENT_TRANSITIONS,
     CALLER_TRANSITIONS,
@@ -79,6 +79,7 @@ class Call:
         llm_failures: int = 0,
         tts_answers: bool = True,
         finalize_answers: bool = True,
+        loud_voice: bool = False,
         **rules: Any,
     ) -> None:
         self.engine = Conversation(TurnRules.defaults(**{"greeting": "", **rules}))
@@ -88,6 +89,8 @@ class Call:
         self.llm_failures = llm_failures
         self.tts_answers = tts_answers
         self.finalize_answers = finalize_answers
+        self.loud_voice = loud_voice
+        self.timeline: list[tuple[float, bytes]] = []  # what the caller heard: (play start, audio)
         self.now = 0
         self.steps: list[tuple[int, list[Action]]] = []
         self.started: dict[str, tuple[ChatMessage, ...]] = {}
@@ -121,6 +124,25 @@ class Call:
             while self.playout and self.playout[0][0] <= self.now:
                 self.feed(MarkPlayed(self.now, self.playout.popleft()[1]))
 
+    def played_back(self, at_ms: float) -> np.ndarray:
+        """The 20 ms of agent audio the caller's line played from `at_ms` (silence where none)."""
+        out = np.zeros(160)
+        for start, ulaw in self.timeline:
+            first, last = max(at_ms, start), min(at_ms + 20, start + len(ulaw) / 8)
+            if last > first:
+                piece = ulaw_to_samples(ulaw[int((first - start) * 8) : int((last - start) * 8)])
+                out[int((first - at_ms) * 8) : int((first - at_ms) * 8) + len(piece)] = piece
+        return out
+
+    def echo(self, ms: int, delay_ms: int, gain_db: float, *, with_speech: bool = False) -> None:
+        """The agent's own voice comes back on the line `delay_ms` later, `gain_db` quieter (or louder)."""
+        for index in range(ms // 20):
+            at = self.now
+            samples = self.played_back(at - delay_ms) * 10 ** (gain_db / 20)
+            if with_speech:
+                samples = samples + ulaw_to_samples(SPEECH[index % len(SPEECH)])
+            self.frames(20, [samples_to_ulaw(np.clip(np.round(samples), -32768, 32767).astype(np.int16))])
+
     def speak(self, ms: int) -> None:
         self.frames(ms, SPEECH)
 
@@ -153,16 +175,19 @@ class Call:
             case CancelTts(reply_id=reply_id):
                 self.cancelled_tts.add(reply_id)
             case SendTtsText(reply_id=reply_id, text=text) if self.tts_answers:
-                self._queue.append(TtsAudio(self.now, reply_id, _audio(text), _align(text) if self.alignment else None))
+                audio = _voice(text) if self.loud_voice else _audio(text)
+                self._queue.append(TtsAudio(self.now, reply_id, audio, _align(text) if self.alignment else None))
             case FinishTts(reply_id=reply_id) if self.tts_answers:
                 self._queue.append(TtsDone(self.now, reply_id))
             case PlayAudio(ulaw=ulaw):
                 self.media.append((self.now, ulaw))
+                self.timeline.append((max(self.play_until, self.now), ulaw))
                 self.play_until = max(self.play_until, self.now) + len(ulaw) / 8
             case PlaceMark(name=name):
                 self.playout.append((self.play_until, name))
             case ClearPlayback():
                 self.play_until = self.now
+                self.timeline = [(start, ulaw[: max(0, int((self.now - start) * 8))]) for start, ulaw in self.timeline]
                 while self.playout:
                     name = self.playout.popleft()[1]
                     self.echoed_on_clear.append(name)
@@ -186,6 +211,12 @@ class Call:
             for reply_id, messages in self.started.items()
             if reply_id not in self.cancelled_llm and reply_id not in self.cancelled_tts
         ]
+
+
+def _voice(text: str) -> bytes:
+    """Audio as loud as speech for `text`: what an echo of the agent is made of."""
+    rng = np.random.default_rng(len(text))
+    return samples_to_ulaw(np.round(rng.normal(0, 3000, len(text) * MS_PER_CHAR * 8)).astype(np.int16))
 
 
 def _audio(text: str) -> bytes:
@@ -291,7 +322,7 @@ def test_short_speech_while_the_bot_talks_is_discarded() -> None:
     assert call.committed_prompts()[-1] == "what about friday"
 
 
-def test_barge_in_stops_everything_in_one_step_and_its_words_start_the_next_turn() -> None:
+def test_barge_in_stops_playback_at_once_and_a_real_word_confirms_it_and_starts_the_next_turn() -> None:
     call = Call(["Sure, I can help with that. ", "What time would you like?"], llm_finishes=False)
     call.silence(500)
     caller_turn(call, "book a table")
@@ -301,13 +332,17 @@ def test_barge_in_stops_everything_in_one_step_and_its_words_start_the_next_turn
     onset = call.now
     call.speak(200)
     at, step = call.step_with(ClearPlayback)
-    kinds = [type(a) for a in step]
-    assert {ClearPlayback, CancelTts, CancelLlm} <= set(kinds)
     assert at - onset == 160  # the first frame at which 150 ms of speech had been heard
     assert next(a.value for a in step if isinstance(a, RecordMetric) and a.name == "BargeIn") == 160
-    call.speak(400)
+    assert not any(isinstance(a, CancelTts | CancelLlm) for a in step)  # kept alive until confirmed
+    assert call.engine.agent_state is AgentState.STOPPED
+    call.speak(200)
+    step = call.words("actually", onset, onset + 300)  # a word that is not a backchannel: confirmed now
+    assert {CancelTts, CancelLlm} <= {type(a) for a in step}
+    assert call.engine.agent_state is AgentState.IDLE
+    call.speak(200)
     call.silence(100)
-    call.words("actually make it four", onset, onset + 600)
+    call.words("make it four", onset + 300, onset + 600)
     call.silence(6000)
     messages = call.actions(StartLlm)[-1].messages
     assert [m.role for m in messages] == [Role.SYSTEM, Role.USER, Role.ASSISTANT, Role.USER]
@@ -324,7 +359,7 @@ def test_the_interrupted_reply_is_kept_as_far_as_it_was_heard(alignment: bool) -
     call.silence(2000)
     first_audio = call.media[0][0]
     call.silence(440)
-    call.speak(200)  # barge-in decided 700 ms into playback
+    call.speak(800)  # barge-in decided 700 ms into playback, confirmed by 700 ms of speech
     clear_at = call.step_with(ClearPlayback)[0]
     assert clear_at - first_audio == 700
     heard = call.engine.history[-1]
@@ -341,7 +376,7 @@ def test_marks_echoed_by_a_clear_are_not_taken_as_played() -> None:
     call.silence(500)
     caller_turn(call, "book a table")
     call.silence(2300)
-    call.speak(200)
+    call.speak(800)
     assert call.echoed_on_clear  # Twilio echoed the unplayed marks on clear ...
     assert call.engine.history[-1].content != ANSWER  # ... and they did not count as played
     assert call.engine.agent_state is AgentState.IDLE
@@ -352,8 +387,8 @@ def test_late_audio_of_an_interrupted_reply_is_dropped() -> None:
     call.silence(500)
     caller_turn(call, "book a table")
     call.silence(2300)
-    call.speak(200)
-    assert call.actions(ClearPlayback)
+    call.speak(800)
+    assert call.actions(ClearPlayback) and call.engine.agent_state is AgentState.IDLE  # confirmed
     reply_id = call.actions(PlaceMark)[0].name.split(".")[0]
     assert call.feed(TtsAudio(call.now, reply_id, b"\x7f" * 800)) == []
 
@@ -462,7 +497,7 @@ def test_the_greeting_is_spoken_on_start_and_can_be_interrupted() -> None:
     assert call.actions(SendTtsText)[0].text == "Hello! Thanks for calling."
     assert call.actions(PlayAudio)
     call.silence(300)
-    call.speak(200)
+    call.speak(800)
     assert call.actions(ClearPlayback)
     assert call.engine.history == [ChatMessage(Role.ASSISTANT, "Hello!")]
 
@@ -639,3 +674,166 @@ def test_a_reply_interrupted_before_a_word_was_heard_joins_the_callers_turns() -
     assert [m.role for m in prompt] == [Role.SYSTEM, Role.USER]
     assert prompt[-1].content == "book a table for four"
     assert call.engine.history == [ChatMessage(Role.USER, "book a table for four"), ChatMessage(Role.ASSISTANT, ANSWER)]
+
+
+# -- rule 4: stop at once, then confirm or resume ------------------------------------------------------
+
+
+def replying(**options: Any) -> tuple[Call, int]:
+    """A call whose agent is 440 ms into its answer to "book a table"; returns it and the first audio's time."""
+    call = Call(**{"answer": ANSWER, **options})
+    call.silence(500)
+    caller_turn(call, "book a table")
+    call.silence(1900)
+    first_audio = call.media[0][0]
+    call.silence(440)
+    return call, first_audio
+
+
+def word_start_ms(text: str, heard_ms: float) -> int:
+    """Where the word being heard at `heard_ms` starts, at MS_PER_CHAR a character."""
+    index = int(heard_ms // MS_PER_CHAR)
+    while index > 0 and not text[index - 1].isspace():
+        index -= 1
+    return index * MS_PER_CHAR
+
+
+def test_a_cough_stops_the_agent_which_resumes_from_the_word_being_heard_and_finishes() -> None:
+    call, first_audio = replying()
+    onset = call.now
+    call.speak(300)  # a cough: loud, no words
+    clear_at = call.step_with(ClearPlayback)[0]
+    assert clear_at - onset == 160 and call.engine.agent_state is AgentState.STOPPED
+    assert call.actions(CancelTts) == [] and call.actions(CancelLlm) == []  # the reply is kept alive
+    call.silence(1100)
+    resumed_at, resumed = next((at, ulaw) for at, ulaw in call.media if at > clear_at)
+    assert resumed_at == onset + 1200  # RESUME_WINDOW_MS after the onset
+    first_sentence = "Sure, I can help with that."
+    restart = word_start_ms(ANSWER, clear_at - first_audio)
+    assert len(resumed) == (len(first_sentence) * MS_PER_CHAR - restart) * 8  # from that word's start
+    assert call.engine.agent_state is AgentState.SPEAKING
+    call.silence(4000)  # heard out to its last (new) mark
+    assert call.engine.agent_state is AgentState.IDLE
+    assert call.engine.history == [ChatMessage(Role.USER, "book a table"), ChatMessage(Role.ASSISTANT, ANSWER)]
+    summary = call.engine.summary()
+    assert summary.false_barge_ins == 1 and summary.turn_count == 1
+    assert summary.turns[-1].interrupted is False and summary.turns[-1].text == ANSWER
+    metrics = {a.name: a.value for a in call.actions(RecordMetric)}
+    assert metrics["FalseBargeIn"] == 1 and metrics["ResumeDelay"] == 1200
+
+
+def test_an_mm_hm_with_its_words_resumes_and_never_enters_the_next_turn() -> None:
+    call, _ = replying()
+    onset = call.now
+    call.speak(300)
+    call.silence(100)
+    call.words("Mm-hm.", onset, onset + 300)  # Deepgram's words of it: a backchannel confirms nothing
+    assert call.engine.agent_state is AgentState.STOPPED
+    call.silence(5000)
+    assert call.engine.agent_state is AgentState.IDLE and call.engine.summary().false_barge_ins == 1
+    call.words("mm-hm", onset, onset + 300)  # a late copy of the final changes nothing either
+    caller_turn(call, "what about friday")
+    call.silence(2500)
+    assert call.committed_prompts() == ["book a table", "what about friday"]
+    assert call.user_turns() == ["book a table"] and call.engine.history[-1] == ChatMessage(Role.ASSISTANT, ANSWER)
+
+
+def test_wait_is_confirmed_at_its_first_word_and_starts_the_next_turn() -> None:
+    call, _ = replying(answer=["Sure, I can help with that. ", "What time?"], llm_finishes=False)
+    onset = call.now
+    call.speak(300)
+    assert not call.actions(CancelLlm)
+    step = call.words("wait", onset, onset + 250)
+    assert CancelLlm("r1") in step and CancelTts("r1") in step  # confirmed, cancelled now
+    assert call.engine.agent_state is AgentState.IDLE
+    call.silence(2500)
+    assert call.committed_prompts()[-1] == "wait"
+    assert call.engine.history[1].role is Role.ASSISTANT and call.engine.summary().turns[1].interrupted
+
+
+def test_speech_without_words_is_confirmed_when_it_lasts_the_confirmation_time() -> None:
+    call, _ = replying(llm_finishes=False)
+    onset = call.now
+    call.speak(1000)
+    confirmed_at, step = call.step_with(CancelLlm)
+    assert confirmed_at - onset == 700 and CancelTts("r1") in step  # BARGE_IN_CONFIRM_MS of speech
+    assert call.engine.summary().false_barge_ins == 0
+
+
+def test_a_cough_during_a_held_reply_keeps_it_and_it_goes_out_after_the_cough() -> None:
+    call = Call()
+    call.silence(1000)
+    caller_turn(call, "book a table")
+    call.silence(600)
+    assert call.engine.agent_state is AgentState.HOLDING
+    call.speak(300)  # a cough while the speculative answer waits
+    cough_end = call.now
+    assert call.engine.agent_state is AgentState.HOLDING
+    call.silence(2500)
+    assert len(call.actions(StartLlm)) == 1  # no second request to the model for a cough
+    assert call.step_with(PlayAudio)[0] == cough_end + 2000  # the turn's pause counts from the cough
+    assert call.committed_prompts() == ["book a table"]
+
+
+def test_a_cough_during_the_greeting_resumes_it() -> None:
+    greeting = "Hello! Thanks for calling Parley."
+    call = Call(greeting=greeting)
+    call.silence(300)
+    call.speak(300)
+    assert call.actions(ClearPlayback) and call.engine.agent_state is AgentState.STOPPED
+    call.silence(4000)
+    assert call.engine.history == [ChatMessage(Role.ASSISTANT, greeting)]
+    assert call.engine.summary().false_barge_ins == 1
+
+
+def test_a_key_press_is_confirmed_in_the_same_step() -> None:
+    call, _ = replying()
+    step = call.feed(DtmfPressed(call.now, "0"))
+    assert ClearPlayback() in step and call.engine.agent_state is AgentState.IDLE
+
+
+def test_a_cough_before_any_audio_holds_the_reply_then_lets_it_out() -> None:
+    call = Call(speculate_after_ms=10_000, tts_answers=False)
+    call.silence(500)
+    caller_turn(call, "book a table")
+    call.silence(2000)
+    assert call.engine.agent_state is AgentState.THINKING
+    call.speak(300)
+    assert call.engine.agent_state is AgentState.STOPPED and call.actions(ClearPlayback) == []
+    reply_id = call.actions(StartLlm)[0].reply_id
+    assert call.feed(TtsAudio(call.now, reply_id, _audio("Sure."), _align("Sure."))) == []  # held
+    call.silence(1200)
+    assert call.engine.agent_state is AgentState.SPEAKING and call.actions(PlayAudio)
+
+
+@pytest.mark.parametrize("delay_ms", [50, 200, 400])
+@pytest.mark.parametrize("gain_db", [-10.0, -20.0, -30.0])
+def test_the_agents_own_echo_is_not_a_barge_in(delay_ms: int, gain_db: float) -> None:
+    call, _ = replying(loud_voice=True)
+    call.echo(3000, delay_ms, gain_db)  # to the end of the reply and past it
+    assert call.actions(ClearPlayback) == []
+    assert call.engine.history[-1] == ChatMessage(Role.ASSISTANT, ANSWER)  # heard whole
+
+
+def test_a_caller_talking_over_the_echo_still_barges_in() -> None:
+    call, _ = replying(loud_voice=True)
+    call.echo(400, 200, -10.0)
+    onset = call.now
+    call.echo(400, 200, -10.0, with_speech=True)
+    assert call.step_with(ClearPlayback)[0] - onset <= 180
+
+
+def test_what_was_heard_never_runs_past_a_gap_in_the_agents_audio() -> None:
+    """Found by the stateful test: a slow voice leaves the line silent; the cut must not assume it played."""
+    call = Call(tts_answers=False, speculate_after_ms=10_000)
+    call.silence(500)
+    caller_turn(call, "book a table")
+    call.silence(2000)
+    reply_id = call.actions(StartLlm)[0].reply_id
+    call.feed(TtsAudio(call.now, reply_id, _audio("Sure. "), _align("Sure. ")))  # 300 ms, then nothing
+    call.silence(1000)
+    call.feed(TtsAudio(call.now, reply_id, _audio("I can help."), _align("I can help.")))
+    call.silence(100)
+    call.speak(1000)  # stopped 160 ms later: 260 ms into the second piece, in the space after "can"
+    # Counting from the last mark as if playback never paused would say all of it was heard.
+    assert call.engine.history[-1] == ChatMessage(Role.ASSISTANT, "Sure. I can")

@@ -323,8 +323,10 @@ class ConversationModel(RuleBasedStateMachine):
             assert reply is None
         else:
             assert reply is not None
-            assert reply.playback.held == (state is AgentState.HOLDING)
-            assert (reply.playback.first_audio_at_ms is not None) == (state is AgentState.SPEAKING)
+            assert reply.playback.held == (state in (AgentState.HOLDING, AgentState.STOPPED))
+            if state is not AgentState.STOPPED:
+                assert (reply.playback.first_audio_at_ms is not None) == (state is AgentState.SPEAKING)
+        assert (engine._stop is not None) == (state is AgentState.STOPPED)
         assert (engine.phase.state is CallPhase.ENDED) == self.saved
 
 
