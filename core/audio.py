@@ -8,6 +8,7 @@ classic 16-bit g711.c, which differs by one step at 381 negative inputs).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import NamedTuple
@@ -223,17 +224,17 @@ class VoiceActivityDetector:
         self._onset_ms: int | None = None
         self._last_voice_ms: int | None = None
 
-    def process(self, ulaw: bytes, timestamp_ms: int, echo_ceiling_dbfs: float | None = None) -> VadFrame:
+    def process(self, ulaw: bytes, timestamp_ms: int, echo: EchoGate | None = None) -> VadFrame:
         """Feed one frame of µ-law audio starting at `timestamp_ms` on the audio clock.
 
-        `echo_ceiling_dbfs` is the loudest the agent's own echo could be now (`EchoGate`): a frame no
-        louder than that is explained by the echo, so it is neither voice nor line noise."""
+        With `echo`, a frame no louder than the agent's own echo could be now is explained by it, so it
+        is neither voice nor line noise."""
         if not ulaw:
             return self._frame(False, False, _FLOOR_DB)
-        return self.process_samples(_DECODE[np.frombuffer(ulaw, np.uint8)], timestamp_ms, echo_ceiling_dbfs)
+        return self.process_samples(_DECODE[np.frombuffer(ulaw, np.uint8)], timestamp_ms, echo)
 
     def process_samples(
-        self, samples: npt.NDArray[np.int16], timestamp_ms: int, echo_ceiling_dbfs: float | None = None
+        self, samples: npt.NDArray[np.int16], timestamp_ms: int, echo_gate: EchoGate | None = None
     ) -> VadFrame:
         """The same for a frame already decoded to samples (8 kHz)."""
         config = self.config
@@ -241,7 +242,8 @@ class VoiceActivityDetector:
         end_ms = timestamp_ms + len(samples) * 1000 // SAMPLE_RATE
 
         floor = level if self.noise_floor_dbfs is None else self.noise_floor_dbfs
-        echo = echo_ceiling_dbfs is not None and level <= echo_ceiling_dbfs
+        ceiling = echo_gate.observe(timestamp_ms, level) if echo_gate is not None else None
+        echo = ceiling is not None and level <= ceiling
         loud = not echo and level >= max(floor + config.margin_db, config.min_level_dbfs)
 
         if echo:
@@ -289,53 +291,87 @@ class VoiceActivityDetector:
 class EchoConfig:
     min_delay_ms: int = 50  # the shortest path back: the line's and the handset's latency
     max_delay_ms: int = 400  # the longest (a speakerphone on a mobile network)
-    min_attenuation_db: float = 10.0  # the loudest echo is this far below what was played
+    min_loss_db: float = 10.0  # the loudest echo assumed possible: this far below what was played
+    max_loss_db: float = 45.0  # on a line that has shown no echo, echo quieter than this is still assumed
     margin_db: float = 3.0  # level measurement noise between the two sides
+    safety_db: float = 5.0  # the learned loss is trusted this much less than observed
+    evidence_dbfs: float = -40.0  # played audio at least this loud tells how loud its echo is
+    loss_fall: float = 0.5  # per-frame weight toward a smaller observed loss (an echo appears: fast)
+    loss_rise_db: float = 0.5  # at most this much more loss per frame (no echo: slowly)
 
 
 class EchoGate:
     """The agent's own voice coming back on the caller's line is not the caller (DESIGN.md rule 4).
 
     It remembers the voice-band level of every 20 ms of audio the caller was played, at the audio-clock
-    time it played. An inbound frame can contain the echo of anything played `min_delay_ms` to
-    `max_delay_ms` before it, at least `min_attenuation_db` quieter: `ceiling_dbfs` is the loudest such
-    echo could be. A frame no louder than that is explained by the echo; a caller talking over the echo
-    is louder than it and still counts. Cost: one level per played frame, a dozen look-ups per inbound one.
+    time it played. An inbound frame can carry the echo of anything played `min_delay_ms` to
+    `max_delay_ms` before it. How much quieter that echo is, is learned per call: while loud audio was
+    played, the gap between it and what came back is tracked from below (an echo makes it small at
+    once; a line without echo lets it grow slowly), and trusted `safety_db` less, between `min_loss_db`
+    (the worst echo assumed before anything is known) and `max_loss_db`. A frame no louder than the
+    loudest echo it could carry is explained by the echo: neither voice nor line noise. A caller talking
+    over the echo is louder than it and still counts. Cost: one level per played frame, a dozen look-ups
+    per inbound one.
     """
 
     def __init__(self, config: EchoConfig | None = None) -> None:
         self.config = config or EchoConfig()
-        self._levels: dict[int, float] = {}  # 20 ms slot of the audio clock -> level played then
-        self._oldest_slot = 0
+        # 20 ms slot of the audio clock -> what played then. A slot is measured once, when it enters the
+        # echo window, so a long reply released at once costs nothing at that moment (at the threshold,
+        # when every call of a burst releases its reply): measuring is paced with playback.
+        self._played: dict[int, list[bytes]] = {}
+        self._window: collections.deque[tuple[int, float]] = collections.deque()  # (slot, level), levels falling
+        self._next_slot: int | None = None  # the next slot to enter the window
+        self.loss_db = self.config.min_loss_db + self.config.safety_db  # the observed loss, tracked from below
 
     def played(self, ulaw: bytes, start_ms: float) -> None:
         """`ulaw` starts playing to the caller at `start_ms` on the audio clock."""
         first = int(start_ms) // FRAME_MS
-        if not self._levels:
-            self._oldest_slot = max(self._oldest_slot, first)
+        if self._next_slot is None:
+            self._next_slot = first
         for index in range(0, len(ulaw), FRAME_BYTES):
-            samples = _DECODE[np.frombuffer(ulaw[index : index + FRAME_BYTES], np.uint8)]
-            slot = first + index // FRAME_BYTES
-            self._levels[slot] = max(self._levels.get(slot, _FLOOR_DB), voice_band_level_dbfs(samples))
+            self._played.setdefault(first + index // FRAME_BYTES, []).append(ulaw[index : index + FRAME_BYTES])
 
     def cleared(self, at_ms: float) -> None:
         """Playback stopped at `at_ms`: what was queued after it never played."""
         cut = int(at_ms) // FRAME_MS + 1
-        for slot in [slot for slot in self._levels if slot >= cut]:
-            del self._levels[slot]
+        for slot in [slot for slot in self._played if slot >= cut]:
+            del self._played[slot]
 
-    def ceiling_dbfs(self, at_ms: int) -> float | None:
-        """The loudest echo a frame starting at `at_ms` could carry; None when nothing played recently."""
-        if not self._levels:
+    def _loudest_played(self, at_ms: int) -> float | None:
+        """The loudest audio played that a frame starting at `at_ms` could carry the echo of."""
+        if self._next_slot is None:
             return None
         config = self.config
         first = (at_ms - config.max_delay_ms) // FRAME_MS
         last = (at_ms + FRAME_MS - config.min_delay_ms) // FRAME_MS
-        if first > self._oldest_slot:  # forget what can no longer echo
-            for slot in range(self._oldest_slot, first):
-                self._levels.pop(slot, None)
-            self._oldest_slot = first
-        loudest = max((self._levels.get(slot, _FLOOR_DB) for slot in range(first, last + 1)), default=_FLOOR_DB)
-        if loudest <= _FLOOR_DB:
+        window, played = self._window, self._played
+        slot = max(self._next_slot, first)
+        while slot <= last:  # the slots entering the window: measured now, once
+            chunks = played.pop(slot, None)
+            if chunks:
+                level = max(voice_band_level_dbfs(_DECODE[np.frombuffer(chunk, np.uint8)]) for chunk in chunks)
+                while window and window[-1][1] <= level:
+                    window.pop()
+                window.append((slot, level))
+            slot += 1
+        self._next_slot = slot
+        while window and window[0][0] < first:  # out of reach of any echo now
+            window.popleft()
+        return window[0][1] if window else None
+
+    def observe(self, at_ms: int, level_dbfs: float) -> float | None:
+        """The loudest echo an inbound frame could carry (None: nothing played), then learn from its level."""
+        loudest = self._loudest_played(at_ms)
+        if loudest is None:
             return None
-        return loudest - config.min_attenuation_db + config.margin_db
+        config = self.config
+        loss = min(config.max_loss_db, max(config.min_loss_db, self.loss_db - config.safety_db))
+        if loudest >= config.evidence_dbfs:
+            observed = loudest - level_dbfs
+            if observed < self.loss_db:
+                self.loss_db += (observed - self.loss_db) * config.loss_fall
+            else:
+                ceiling = config.max_loss_db + config.safety_db
+                self.loss_db = min(ceiling, self.loss_db + min(config.loss_rise_db, observed - self.loss_db))
+        return loudest - loss + config.margin_db

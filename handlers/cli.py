@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure latency, CPU and memory (DESIGN.md section 5)")
     bench.add_argument("--frames", action="store_true", help="only the per-frame audio cost")
+    bench.add_argument(
+        "--barge-in", action="store_true", help="the false-barge-in corpus over the agent's reply (section 5)"
+    )
     bench.add_argument("--calls", type=int, nargs="*", default=[1, 10, 50], help="simultaneous calls to run")
     bench.add_argument("--out", default="bench-output", help="folder for the JSON results and the logs")
     return parser
@@ -49,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             from infra.bench import run
 
-            return run(args.calls, Path(args.out), frames_only=args.frames)
+            return run(args.calls, Path(args.out), frames_only=args.frames, barge_in=args.barge_in)
         raise AssertionError(f"unknown command {args.command}")
     except ConfigError as error:
         print(f"parley {args.command}: configuration error: {error}", file=sys.stderr)

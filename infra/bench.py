@@ -13,6 +13,8 @@ frame (decode + voice activity + encode).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -20,13 +22,14 @@ import statistics
 import sys
 import time
 import timeit
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 
-from core.audio import VoiceActivityDetector, samples_to_ulaw, ulaw_to_samples
-from core.store import create_table
+from core.audio import EchoGate, VoiceActivityDetector, samples_to_ulaw, ulaw_to_samples
+from core.store import CallStore, create_table
 from infra.caller import CallReport, HangUp, Pause, Say, SimulatedCaller, Step, WaitForAgent
 from infra.local import Service, local_dynamodb
 from infra.wav import read_ulaw
@@ -38,17 +41,29 @@ THRESHOLD_MS = 2000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def frame_cost_us(repeats: int = 7, number: int = 20000) -> float:
-    """Best-of-`repeats` cost of decode + detect + encode of one 20 ms µ-law frame, in µs."""
+def frame_cost_us(repeats: int = 7, number: int = 20000, *, echo_gate: bool = False) -> float:
+    """Best-of-`repeats` cost of decode + detect + encode of one 20 ms µ-law frame, in µs. With
+    `echo_gate`, as while the agent speaks: the gate also measures one frame of the agent's audio and
+    looks up the loudest echo the inbound frame could carry."""
     frame = read_ulaw(VOICES / "hello.wav")[1600:1760]
     detector = VoiceActivityDetector()
+    gate = EchoGate()
+    clock = [0]
 
     def one_frame() -> None:
         samples = ulaw_to_samples(frame)
         detector.process_samples(samples, 0)
         samples_to_ulaw(samples)
 
-    return min(timeit.repeat(one_frame, number=number, repeat=repeats)) / number * 1e6
+    def one_frame_with_gate() -> None:
+        at = clock[0] = clock[0] + 20
+        gate.played(frame, at)
+        samples = ulaw_to_samples(frame)
+        detector.process_samples(samples, at, gate)
+        samples_to_ulaw(samples)
+
+    work = one_frame_with_gate if echo_gate else one_frame
+    return min(timeit.repeat(work, number=number, repeat=repeats)) / number * 1e6
 
 
 def machine() -> str:
@@ -58,6 +73,7 @@ def machine() -> str:
 def report_frame_cost() -> None:
     print(f"machine: {machine()}")
     print(f"audio per 20 ms frame (decode + detect + encode): {frame_cost_us():.1f} µs")
+    print(f"  the same while the agent speaks, with the echo gate: {frame_cost_us(echo_gate=True):.1f} µs")
 
 
 # -- call figures ---------------------------------------------------------------------------------
@@ -110,12 +126,21 @@ async def _calls(media_url: str, count: int) -> list[CallReport]:
     return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
-def run_calls(counts: list[int], out: Path) -> list[dict[str, Any]]:
+@dataclasses.dataclass(frozen=True)
+class MediaStack:
+    media_url: str
+    pid: int  # the media service's process, for CPU and memory
+    store: CallStore
+
+
+@contextlib.contextmanager
+def media_stack(out: Path, scenario: str) -> Iterator[MediaStack]:
+    """Local DynamoDB, the emulators (playing `scenario`) and `parley serve media` pinned to one core;
+    the calling process is moved off that core."""
     out.mkdir(parents=True, exist_ok=True)
     cores = sorted(os.sched_getaffinity(0))
     media_core, other_cores = {cores[-1]}, set(cores[:-1]) or {cores[-1]}
     os.sched_setaffinity(0, other_cores)  # the callers stay off the media service's core
-    results = []
     with local_dynamodb() as dynamodb_url:
         aws = {
             "AWS_ACCESS_KEY_ID": "bench",
@@ -123,16 +148,14 @@ def run_calls(counts: list[int], out: Path) -> list[dict[str, Any]]:
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_url,
         }
-        create_table(
-            boto3.client(
-                "dynamodb",
-                endpoint_url=dynamodb_url,
-                region_name="us-east-1",
-                aws_access_key_id="bench",
-                aws_secret_access_key="bench",
-            ),
-            "bench-calls",
+        client = boto3.client(
+            "dynamodb",
+            endpoint_url=dynamodb_url,
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
         )
+        create_table(client, "bench-calls")
         environment = {
             **os.environ,
             **aws,
@@ -145,7 +168,7 @@ def run_calls(counts: list[int], out: Path) -> list[dict[str, Any]]:
         }
         emulators = Service(
             "emulators",
-            [sys.executable, "-m", "infra.emulators", "--scenario", "bench"],
+            [sys.executable, "-m", "infra.emulators", "--scenario", scenario],
             environment,
             out / "emulators.log",
             cpus=other_cores,
@@ -158,16 +181,21 @@ def run_calls(counts: list[int], out: Path) -> list[dict[str, Any]]:
             out / "media.log",
             cpus=media_core,
         )
-        media_url = media.ready["listening"].replace("http://", "ws://") + "/media"
-        pid = media.process.pid
         try:
-            asyncio.run(_calls(media_url, 1))  # warm-up: imports, first connections
-            for count in counts:
-                results.append(_measure(pid, media_url, count))
-                print(_line(results[-1]), flush=True)
+            media_url = media.ready["listening"].replace("http://", "ws://") + "/media"
+            yield MediaStack(media_url, media.process.pid, CallStore(client, "bench-calls"))
         finally:
             media.stop()
             emulators.stop()
+
+
+def run_calls(counts: list[int], out: Path) -> list[dict[str, Any]]:
+    results = []
+    with media_stack(out, "bench") as stack:
+        asyncio.run(_calls(stack.media_url, 1))  # warm-up: imports, first connections
+        for count in counts:
+            results.append(_measure(stack.pid, stack.media_url, count))
+            print(_line(results[-1]), flush=True)
     (out / "bench.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
     return results
 
@@ -344,9 +372,14 @@ def report_lambda() -> None:
     )
 
 
-def run(counts: list[int], out: Path, frames_only: bool = False) -> int:
+def run(counts: list[int], out: Path, frames_only: bool = False, barge_in: bool = False) -> int:
     report_frame_cost()
     if frames_only:
+        return 0
+    if barge_in:
+        from infra.bench_barge_in import run_corpus
+
+        run_corpus(out)
         return 0
     report_lambda()
     run_calls(counts, out)

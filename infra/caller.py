@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import websockets
 
-from core.audio import ulaw_to_samples
+from core.audio import samples_to_ulaw, ulaw_to_samples
 from core.twilio import SIGNATURE_HEADER, OutboundClear, OutboundMark, OutboundMedia, compute_signature, decode_outbound
 from infra.wav import read_ulaw, write_pcm16
 
@@ -89,6 +89,8 @@ class CallReport:
     barge_in_latencies_ms: list[float] = dataclasses.field(default_factory=list)
     speech: list[tuple[str, float, float]] = dataclasses.field(default_factory=list)  # voice, start, end
     clears_received: int = 0
+    clear_times_ms: list[float] = dataclasses.field(default_factory=list)
+    resumed_at_ms: list[float] = dataclasses.field(default_factory=list)  # agent audio again after a clear
     marks_echoed: int = 0
     media_received: int = 0
     agent_audio_ms: float = 0.0
@@ -145,12 +147,19 @@ class SimulatedCaller:
         stream_sid: str = "MZ" + "0" * 32,
         parameters: dict[str, str] | None = None,
         signature: str | None = None,
+        echo: tuple[int, float] | None = None,
+        noise_dbfs: float | None = None,
     ) -> None:
+        """`echo` = (delay ms, gain dB): the agent's voice comes back on the line, as on a speakerphone;
+        `noise_dbfs`: stationary noise on the line for the whole call."""
         self._connect_url = connect_url
         self._signed_url = signed_url or connect_url
         self._auth_token = auth_token
         self._script = list(script)
         self._signature = signature
+        self._echo = echo
+        self._noise_rms = 32768 * 10 ** (noise_dbfs / 20) if noise_dbfs is not None else None
+        self._noise = np.random.default_rng(7)
         self.report = CallReport(call_sid, stream_sid)
         self._parameters = parameters or {"CallSid": call_sid}
         self._sequence = 0
@@ -282,6 +291,7 @@ class SimulatedCaller:
                 return
 
             frame, audio = (audio[:FRAME_BYTES], audio[FRAME_BYTES:]) if audio else (SILENCE, b"")
+            frame = self._on_the_line(frame, float(frame_index * FRAME_MS))
             # Twilio sends a frame once its 20 ms have been captured.
             await asyncio.sleep(max(0.0, self._t0 + (frame_index + 1) * FRAME_MS / 1000 - time.monotonic()))
             await self._send_event(
@@ -302,6 +312,29 @@ class SimulatedCaller:
                 self._awaiting_reply_since = end
                 self._heard_since = None
                 speaking = None
+
+    def _on_the_line(self, frame: bytes, at_ms: float) -> bytes:
+        """What Twilio hears: the caller, plus the agent's echo and the line's noise where configured."""
+        if self._echo is None and self._noise_rms is None:
+            return frame
+        samples = ulaw_to_samples(frame).astype(np.float64)
+        if self._echo is not None:
+            delay_ms, gain_db = self._echo
+            samples += self._agent_audio(at_ms - delay_ms) * 10 ** (gain_db / 20)
+        if self._noise_rms is not None:
+            samples += self._noise.normal(0, self._noise_rms, len(samples))
+        return samples_to_ulaw(np.clip(np.round(samples), -32768, 32767).astype(np.int16))
+
+    def _agent_audio(self, start_ms: float) -> np.ndarray:
+        """The 20 ms of agent audio that played from `start_ms` (what was cleared never played)."""
+        out = np.zeros(FRAME_BYTES)
+        for chunk_start, chunk in self._agent_chunks:
+            first, last = max(start_ms, chunk_start), min(start_ms + FRAME_MS, chunk_start + len(chunk) / 8)
+            if last > first:
+                piece = ulaw_to_samples(chunk[int((first - chunk_start) * 8) : int((last - chunk_start) * 8)])
+                at = int((first - start_ms) * 8)
+                out[at : at + len(piece)] = piece[: FRAME_BYTES - at]
+        return out
 
     def _agent_playing(self, now: float) -> bool:
         return self._play_end > now
@@ -333,6 +366,8 @@ class SimulatedCaller:
         if self._heard_since is None:
             self._heard_since = now
         start = max(now, self._play_end)
+        if self.report.clear_times_ms and len(self.report.resumed_at_ms) < len(self.report.clear_times_ms):
+            self.report.resumed_at_ms.append(start)
         if self._play_end <= now:
             self._reply_started = start
         self._play_end = start + len(ulaw) / 8
@@ -340,6 +375,7 @@ class SimulatedCaller:
 
     def _on_clear(self, now: float) -> None:
         self.report.clears_received += 1
+        self.report.clear_times_ms.append(now)
         if self._barge_in_onset is not None:
             self.report.barge_in_latencies_ms.append(now - self._barge_in_onset)
             self._barge_in_onset = None

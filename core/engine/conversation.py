@@ -215,7 +215,7 @@ class Conversation:
         actions.append(SendToStt(event.ulaw))
         now = event.at_ms + len(event.ulaw) * 1000 // SAMPLE_RATE
         self._now_ms = max(self._now_ms, now)
-        frame = self._vad.process(event.ulaw, event.at_ms, self._echo.ceiling_dbfs(event.at_ms))
+        frame = self._vad.process(event.ulaw, event.at_ms, self._echo)
         self._caller_sounding = frame.speaking
         if frame.started and frame.onset_ms is not None:
             self._on_speech_started(frame.onset_ms, actions)

@@ -100,16 +100,21 @@ class DeepgramEmulator:
         tag = query.get("tag") or uuid.uuid4().hex
         progress = self.progress.setdefault(tag, _Progress())
         progress.connections += 1
-        session = _Session(self, connection, query, progress)
+        session = _Session(self, connection, query, progress, self.scenario.for_call(tag))
         await session.run()
 
 
 class _Session:
     def __init__(
-        self, emulator: DeepgramEmulator, connection: ServerConnection, query: dict[str, str], progress: _Progress
+        self,
+        emulator: DeepgramEmulator,
+        connection: ServerConnection,
+        query: dict[str, str],
+        progress: _Progress,
+        scenario: Scenario,
     ) -> None:
         self.emulator = emulator
-        self.scenario = emulator.scenario
+        self.scenario = scenario
         self.connection = connection
         self.progress = progress
         self.request_id = str(uuid.uuid4())

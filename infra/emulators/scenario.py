@@ -55,9 +55,18 @@ class Scenario:
     latency: Latency = Latency()
     faults: Faults = Faults()
     ms_per_char: float = 55.0
+    # Calls whose caller says something else, by CallSid (the Deepgram emulator reads the stream's tag).
+    per_call: tuple[tuple[str, tuple[Utterance, ...]], ...] = ()
     deepgram_key: str = "dg-test-key"
     openai_key: str = "sk-test-key"
     elevenlabs_key: str = "el-test-key"
+
+    def for_call(self, call_sid: str) -> Scenario:
+        """The scenario as one call lives it: its own caller lines if it has any."""
+        for sid, caller in self.per_call:
+            if sid == call_sid:
+                return dataclasses.replace(self, caller=caller, per_call=())
+        return self
 
     def caller_text(self, index: int) -> Utterance | None:
         return self.caller[index] if index < len(self.caller) else None
@@ -92,4 +101,24 @@ def bench_scenario() -> Scenario:
     return dataclasses.replace(demo, caller=caller, answers=answers)
 
 
-SCENARIOS = {"demo": demo_scenario, "bench": bench_scenario}
+CORPUS_ROUNDS = 5
+
+
+def corpus_call_sid(round_number: int, item: int) -> str:
+    return f"CA{round_number:016x}{item:016x}"
+
+
+def barge_in_scenario() -> Scenario:
+    """`parley bench --barge-in`: each call says "book a table", then its corpus item over the long answer."""
+    from infra.corpus import ITEMS
+
+    demo = demo_scenario()
+    per_call = tuple(
+        (corpus_call_sid(round_number, n), (demo.caller[0], item.utterance()))
+        for round_number in range(CORPUS_ROUNDS)
+        for n, item in enumerate(ITEMS)
+    )
+    return dataclasses.replace(demo, caller=(demo.caller[0],), per_call=per_call)
+
+
+SCENARIOS = {"demo": demo_scenario, "bench": bench_scenario, "barge-in": barge_in_scenario}

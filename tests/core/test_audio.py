@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from core.audio import (
     Decimator,
+    EchoGate,
     TtsAudioConverter,
     VadConfig,
     VoiceActivityDetector,
@@ -21,6 +22,8 @@ from core.audio import (
     samples_to_ulaw,
     ulaw_silence,
     ulaw_to_pcm16,
+    ulaw_to_samples,
+    voice_band_level_dbfs,
 )
 from infra.wav import read_ulaw
 
@@ -236,3 +239,46 @@ def test_speech_over_noise_that_started_with_the_call() -> None:
     results = run(VoiceActivityDetector(), to_ulaw(line))
     assert any(speaking for at, speaking in results if 2000 <= at <= 2000 + len(voice) / 8)
     assert not any(speaking for at, speaking in results if at < 1900)
+
+
+# -- the echo gate ------------------------------------------------------------------------------------
+
+
+def _tone(level_dbfs: float, ms: int = 20) -> bytes:
+    amplitude = 32768 * 10 ** (level_dbfs / 20) * np.sqrt(2)
+    t = np.arange(ms * 8) / 8000
+    return samples_to_ulaw(np.round(amplitude * np.sin(2 * np.pi * 1000 * t)).astype(np.int16))
+
+
+def test_the_echo_gate_assumes_the_worst_echo_until_the_line_shows_its_own() -> None:
+    gate = EchoGate()
+    played = voice_band_level_dbfs(ulaw_to_samples(_tone(-20)))
+    assert gate.observe(0, -100.0) is None  # nothing played: nothing to explain
+    gate.played(_tone(-20, 2000), 0)
+    first = gate.observe(100, -100.0)
+    assert first is not None and abs(first - (played - 10 + 3)) < 0.6  # before evidence: 10 dB down
+    for at in range(120, 1900, 20):  # a line that stays silent while the agent talks has no echo
+        ceiling = gate.observe(at, -100.0)
+    assert ceiling is not None and abs(ceiling - (played - 45 + 3)) < 0.6
+    assert ceiling < -46.0  # a caller's quiet first consonant ("s") is heard at once
+
+
+def test_an_echo_that_appears_pulls_the_gate_back_at_once() -> None:
+    gate = EchoGate()
+    gate.played(_tone(-20, 3000), 0)
+    for at in range(0, 1000, 20):
+        gate.observe(at, -100.0)  # no echo yet: the gate relaxes
+    played = voice_band_level_dbfs(ulaw_to_samples(_tone(-20)))
+    unexplained = 0
+    for at in range(1000, 2000, 20):  # now the agent comes back 10 dB down
+        ceiling = gate.observe(at, played - 10)
+        assert ceiling is not None
+        unexplained += played - 10 > ceiling
+    assert unexplained <= 3  # caught within 60 ms: far short of a barge-in's 150 ms
+
+
+def test_what_was_cleared_never_echoes() -> None:
+    gate = EchoGate()
+    gate.played(_tone(-20, 1000), 0)
+    gate.cleared(200)
+    assert gate.observe(700, -100.0) is None  # everything played before 200 ms is out of the window

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from core.config import (
     MediaSettings,
     ProviderSettings,
     WebhookSettings,
+    normalize_word,
     read_environment,
     secret_values,
 )
@@ -95,3 +97,27 @@ def test_dotenv_file_is_read_under_the_real_environment(tmp_path: Path, monkeypa
 
 def test_secret_values_are_listed_for_redaction() -> None:
     assert sorted(secret_values(ProviderSettings.from_env(PROVIDER_ENV))) == sorted(PROVIDER_ENV.values())
+
+
+@pytest.mark.parametrize(
+    ("env", "variable", "problem"),
+    [
+        ({"RESUME_WINDOW_MS": "500"}, "RESUME_WINDOW_MS", "shorter than BARGE_IN_CONFIRM_MS (700 ms)"),
+        ({"BARGE_IN_CONFIRM_MS": "1500"}, "RESUME_WINDOW_MS", "1200 ms is shorter"),
+        ({"BARGE_IN_CONFIRM_MS": "-1"}, "BARGE_IN_CONFIRM_MS", "is negative"),
+        ({"RESUME_WINDOW_MS": "soon"}, "RESUME_WINDOW_MS", "invalid literal"),
+        ({"BACKCHANNEL_WORDS": " , ,"}, "BACKCHANNEL_WORDS", "has no words"),
+    ],
+)
+def test_barge_in_settings_out_of_range_stop_the_start_naming_the_variable(
+    env: dict[str, str], variable: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(problem)) as raised:
+        ConversationSettings.from_env(env)
+    assert raised.value.variable == variable and str(raised.value).startswith(f"{variable}: ")
+
+
+def test_backchannel_words_are_compared_as_deepgram_writes_them() -> None:
+    settings = ConversationSettings.from_env({"BACKCHANNEL_WORDS": "Mm-hm., Uh-huh , OKAY,okay"})
+    assert settings.backchannel_words == ("mm-hm", "uh-huh", "okay")
+    assert normalize_word("Right,") == "right" and normalize_word('"Yeah!"') == "yeah"

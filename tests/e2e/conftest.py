@@ -65,8 +65,10 @@ def settings(request: pytest.FixtureRequest) -> dict[str, str]:
 
 
 @pytest.fixture
-def scenario() -> Scenario:
-    return demo_scenario()
+def scenario(request: pytest.FixtureRequest) -> Scenario:
+    """The emulators' script; parametrize indirectly to change it."""
+    scenario: Scenario = getattr(request, "param", None) or demo_scenario()
+    return scenario
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import pytest
 import websockets
 
 from infra.caller import HangUp, Pause, Press, Say, SendRaw, WaitForAgent
+from infra.emulators.scenario import Utterance, demo_scenario
 from tests.e2e.conftest import MEDIA_STREAM_URL, TOKEN, Stack
 
 FAST = {"SILENCE_THRESHOLD": "1.0", "GREETING": ""}
@@ -159,3 +160,28 @@ def test_media_stream_url_signature_both_readings() -> None:
     https_twin = MEDIA_STREAM_URL.replace("wss://", "https://")
     assert validate_upgrade(TOKEN, MEDIA_STREAM_URL, compute_signature(TOKEN, https_twin))
     assert not validate_upgrade(TOKEN, MEDIA_STREAM_URL, compute_signature("other", MEDIA_STREAM_URL))
+
+
+COUGH = demo_scenario(caller=(demo_scenario().caller[0], Utterance.recorded("corpus/cough_2", "")))
+
+
+@pytest.mark.parametrize("settings", [{"GREETING": ""}], indirect=True)
+@pytest.mark.parametrize("scenario", [COUGH], indirect=True)
+async def test_a_cough_over_the_reply_stops_it_and_it_resumes_and_is_heard_to_its_end(stack: Stack) -> None:
+    script = [Pause(300), Say("book_table"), Say("corpus/cough_2", after_agent_ms=1500), WaitForAgent(), HangUp()]
+    caller = stack.caller(script)
+    report = await caller.run()
+    await stack.registry.wait_idle()
+
+    assert report.clears_received == 1  # the caller heard the reply stop ...
+    [cleared], [resumed] = report.clear_times_ms, report.resumed_at_ms
+    cough_onset = next(start for voice, start, _ in report.speech if voice == "corpus/cough_2")
+    assert 1000 <= resumed - cough_onset <= 1300 + 100  # ... and start again within RESUME_WINDOW_MS + 100 ms
+    assert resumed > cleared
+    item = stack.item()
+    answer = stack.emulators.scenario.answers[0]
+    assert item["false_barge_ins"] == 1 and item["interruptions"] == 0
+    assert f"Agent: {answer}" in item["transcript"].splitlines()  # heard to its end, whole
+    assert stack.caller_turns() == ["Hi, I would like to book a table for two."]  # the cough is no turn
+    _, agent = caller.recording()
+    assert agent[int(resumed * 8) :].any()  # audio after the resume reached the caller
