@@ -125,6 +125,7 @@ class Conversation:
         self._play_until_ms = 0.0  # when the audio sent so far ends playing, on the audio clock
         self._stop: _Stop | None = None  # while the agent is STOPPED
         self._caller_sounding = False  # the detector hears the caller now
+        self._finalize_sent_ms = 0
         self._segments: list[tuple[int, str]] = []
         self._activity_ms = 0  # last caller voice, word or key of the open turn
         self._speech_counts = False  # whether the detector's current speech belongs to a turn
@@ -205,7 +206,13 @@ class Conversation:
             if pause >= self.rules.silence_threshold_ms:
                 self._end_turn(now, actions)
             elif pause >= self.rules.speculate_after_ms:
-                self._flush_early(actions)
+                self._flush_early(now, actions)
+                if (
+                    self.flush.state is FlushState.PENDING
+                    and now - self._finalize_sent_ms >= self.rules.finalize_wait_ms
+                ):
+                    self.flush.fire(FlushTrigger.GAVE_UP)  # no answer is promised: the words are in as far as we wait
+                    actions.append(RecordMetric("FinalizeUnanswered", 1, Unit.COUNT))
                 self._consider_speculation(actions, speech_final=False)
 
     # -- rule 2: speech vs silence, decided locally ---------------------------------------------------
@@ -298,11 +305,12 @@ class Conversation:
         self._activity_ms = max(self._activity_ms, end_ms)
         self.caller.fire(CallerTrigger.WORDS_HEARD)
 
-    def _flush_early(self, actions: list[Action]) -> None:
+    def _flush_early(self, now: int, actions: list[Action]) -> None:
         """Rule 1's `Finalize`, sent at the speculation pause so the words are in before the threshold."""
         if self.flush.state is FlushState.IDLE:
             actions.append(FinalizeStt())
             self.flush.fire(FlushTrigger.FINALIZE_SENT)
+            self._finalize_sent_ms = now
 
     def _end_turn(self, now: int, actions: list[Action]) -> None:
         """Rule 1: a pause reached the silence threshold; the turn's words go to the model (or the held

@@ -26,8 +26,10 @@ audio, not to the conversation, and the engine only reads its verdicts.)
 * **Call phase** (one per call, DESIGN.md section 2): OPENING -> CONVERSING -> CLOSING -> ENDED. An
   inbound call is CONVERSING from `start`; CLOSING is where the last words play out to their last mark.
 * **STT flush** (one per call): IDLE -> PENDING (`Finalize` sent, Deepgram's `from_finalize` answer not
-  yet in) -> FLUSHED; any new caller activity RESETs it. Speculation waits for FLUSHED, so it answers
-  every word said so far (rule 7).
+  yet in) -> FLUSHED when it answers, or when `finalize_wait_ms` pass without an answer (GAVE_UP:
+  Deepgram does not promise one when little audio is pending); any new caller activity RESETs it.
+  Speculation waits for FLUSHED, so it answers every word said so far (rule 7); words that still come
+  later drop the speculation.
 * **Hearing** (one per call): OPEN -> DEAF when the agent takes the floor; DEAF -> OPEN when it gives the
   floor back (its reply finished, or the caller barged in); OPEN -> DEAF again, from the same start,
   when a barge-in turns out to be a cough and the agent resumes. Words said while DEAF are discarded
@@ -120,6 +122,7 @@ class FlushState(enum.Enum):
 class FlushTrigger(enum.Enum):
     FINALIZE_SENT = "finalize_sent"
     FLUSHED = "flushed"
+    GAVE_UP = "gave_up"
     RESET = "reset"
 
 
@@ -215,7 +218,7 @@ PHASE_TRANSITIONS: dict[CallPhase, dict[PhaseTrigger, CallPhase]] = {
 
 FLUSH_TRANSITIONS: dict[FlushState, dict[FlushTrigger, FlushState]] = {
     F.IDLE: {FT.FINALIZE_SENT: F.PENDING, FT.RESET: F.IDLE},
-    F.PENDING: {FT.FLUSHED: F.FLUSHED, FT.RESET: F.IDLE},
+    F.PENDING: {FT.FLUSHED: F.FLUSHED, FT.GAVE_UP: F.FLUSHED, FT.RESET: F.IDLE},
     F.FLUSHED: {FT.RESET: F.IDLE},
 }
 

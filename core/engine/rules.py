@@ -33,6 +33,9 @@ class TurnRules:
     # not break the barge-in count. A short "mm-hm" followed by silence still never reaches it.
     barge_in_gap_ms: int = 20
     llm_attempts: int = 2
+    # How long speculation waits for Deepgram's answer to `Finalize`, which "is not guaranteed if there
+    # is no significant amount of audio data" (its documentation); an answer usually takes ~100 ms.
+    finalize_wait_ms: int = 150
 
     @classmethod
     def from_settings(cls, settings: ConversationSettings) -> Self:

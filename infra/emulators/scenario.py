@@ -39,7 +39,9 @@ class Latency:
 @dataclasses.dataclass(frozen=True)
 class Faults:
     deepgram_drop_after_ms: int | None = None  # first socket of a call closes after this much audio
-    deepgram_answers_idle_finalize: bool = True  # whether Finalize with nothing pending gets a reply
+    # Whether Finalize with nothing pending gets a reply: Deepgram's documentation says one "is not
+    # guaranteed if there is no significant amount of audio data", so by default it gets none.
+    deepgram_answers_idle_finalize: bool = False
     deepgram_idle_timeout_s: float = 10.0
     elevenlabs_drop_after_chars: int | None = None  # first socket closes after voicing this much text
     openai_fail_first: int = 0  # requests answered with `openai_fail_status` before any succeeds

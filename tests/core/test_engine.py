@@ -25,7 +25,7 @@ from core.engine import (
     ConversationError,
     TurnRules,
 )
-from core.engine.machines import AgentTrigger, CallerTrigger, FlushState
+from core.engine.machines import AgentTrigger, CallerTrigger
 from core.events import (
     Action,
     AlignedChar,
@@ -623,16 +623,34 @@ def test_the_call_phase_opens_on_start_and_ends_with_the_call() -> None:
 
 
 @pytest.mark.parametrize("finalize_answers", [True, False])
-def test_speculation_waits_for_the_flush_and_the_turn_ends_at_the_threshold_either_way(finalize_answers: bool) -> None:
-    """Deepgram does not promise to answer `Finalize` when little audio is pending (UNCONFIRMED both ways)."""
+def test_speculation_starts_at_the_pause_whether_or_not_deepgram_answers_finalize(finalize_answers: bool) -> None:
+    """Deepgram's answer to `Finalize` "is not guaranteed if there is no significant amount of audio
+    data": speculation waits for it at most `finalize_wait_ms`, then starts anyway."""
     call = Call(finalize_answers=finalize_answers)
     call.silence(1000)
     _, speech_end = caller_turn(call, "book a table")
-    call.silence(600)
-    assert call.engine.flush.state is (FlushState.FLUSHED if finalize_answers else FlushState.PENDING)
-    assert call.engine.agent_state is (AgentState.HOLDING if finalize_answers else AgentState.IDLE)
-    call.silence(1400)
-    assert call.step_with(PlayAudio)[0] == speech_end + 2000
+    call.silence(1000)
+    finalized = call.step_with(FinalizeStt)[0]
+    assert finalized == speech_end + 400  # SPECULATE_AFTER_MS of pause
+    speculated = call.step_with(StartLlm)[0]
+    assert speculated == (finalized + 20 if finalize_answers else finalized + 160)  # the next frame, or the bound
+    assert call.engine.agent_state is AgentState.HOLDING
+    unanswered = [a for a in call.actions(RecordMetric) if a.name == "FinalizeUnanswered"]
+    assert len(unanswered) == (0 if finalize_answers else 1)
+    call.silence(1000)
+    assert call.step_with(PlayAudio)[0] == speech_end + 2000  # the held reply goes out at the threshold
+
+
+def test_words_that_come_after_an_unanswered_finalize_still_make_the_reply() -> None:
+    call = Call(finalize_answers=False, llm_finishes=False)
+    call.silence(1000)
+    _, speech_end = caller_turn(call, "book a")
+    call.silence(600)  # speculation on "book a" has started
+    first = call.actions(StartLlm)[0].reply_id
+    call.words("table", speech_end - 100, speech_end)  # Deepgram's last word, late
+    assert first in call.cancelled_llm
+    call.silence(2000)
+    assert call.committed_prompts() == ["book a table"]
 
 
 def test_a_provider_that_fails_for_good_is_on_the_record_once() -> None:

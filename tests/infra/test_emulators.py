@@ -150,6 +150,28 @@ async def test_deepgram_closes_an_idle_stream_with_net_0001() -> None:
     await emulator.stop()
 
 
+@pytest.mark.parametrize("answers_idle", [False, True])
+async def test_deepgram_answers_finalize_with_nothing_pending_only_when_told_to(answers_idle: bool) -> None:
+    """Deepgram: a `from_finalize` answer "is not guaranteed if there is no significant amount of audio
+    data". By default the emulator gives none, as the real service may; the other reading is a fault."""
+    import json
+
+    import websockets
+
+    emulator = DeepgramEmulator(demo_scenario(faults=Faults(deepgram_answers_idle_finalize=answers_idle)))
+    url = await emulator.start()
+    async with websockets.connect(url, additional_headers={"Authorization": "Token dg-test-key"}) as socket:
+        for frame in frames(silence(1000)):
+            await socket.send(frame)
+        await socket.send(json.dumps({"type": "Finalize"}))
+        await socket.send(json.dumps({"type": "CloseStream"}))
+        messages = [json.loads(raw) async for raw in socket]
+    answered = [m for m in messages if m.get("from_finalize")]
+    assert len(answered) == (1 if answers_idle else 0)
+    assert messages[-1]["type"] == "Metadata"
+    await emulator.stop()
+
+
 # -- OpenAI --------------------------------------------------------------------------------------
 
 
