@@ -23,6 +23,8 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
+import msgspec
+
 from core import metrics
 from core.audio import SAMPLE_RATE
 from core.config import ConversationSettings, ProviderSettings
@@ -209,6 +211,21 @@ class CallRunner:
                 self._malformed(error)
                 continue
             if isinstance(message, Start):
+                media_format = message.start.media_format
+                if media_format is not None and (
+                    media_format.encoding != "audio/x-mulaw"
+                    or media_format.sample_rate != 8000
+                    or media_format.channels != 1
+                ):
+                    # Everything downstream is µ-law 8 kHz mono; any other audio would be heard as noise.
+                    bind_call(CallSid=message.start.call_sid, StreamSid=message.stream_sid)
+                    metrics.count("StreamsRefused")
+                    logger.error(
+                        "refused a stream whose audio is not audio/x-mulaw, 8000 Hz, 1 channel; is this a Media "
+                        "Stream from Twilio <Connect><Stream>?",
+                        extra={"media_format": msgspec.structs.asdict(media_format)},
+                    )
+                    return None
                 return message
             if isinstance(message, Stop):
                 return None

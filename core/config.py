@@ -89,6 +89,16 @@ def url_with_scheme(*schemes: str) -> Callable[[str], str]:
     return parse
 
 
+def stream_url(raw: str) -> str:
+    """Twilio's `<Stream url>` takes no query string: it strips or rejects one (pass values as
+    `<Parameter>`s instead), so a URL with one would never reach the media service as written."""
+    url = url_with_scheme("wss")(raw)
+    parts = urlsplit(url)
+    if parts.query or parts.fragment:
+        raise ValueError(f"{raw!r} has a query string or fragment, which Twilio strips or rejects")
+    return url
+
+
 def optional_url(*schemes: str) -> Callable[[str], str | None]:
     checked = url_with_scheme(*schemes)
 
@@ -179,7 +189,7 @@ class _TwilioAndBooks:
 
     twilio_auth_token: str = setting("TWILIO_AUTH_TOKEN", text, "the Twilio account's auth token", secret=True)
     media_stream_url: str = setting(
-        "MEDIA_STREAM_URL", url_with_scheme("wss"), "the media service's public wss://host/media URL"
+        "MEDIA_STREAM_URL", stream_url, "the media service's public wss://host/media URL, with no query string"
     )
     calls_table: str = setting("CALLS_TABLE", text, "the DynamoDB calls table's name")
     call_ttl_days: float = setting("CALL_TTL_DAYS", positive_float, "how many days a call item is kept, e.g. 30", "30")

@@ -61,7 +61,7 @@ class FakeTwilio:
         self._sequence += 1
         self.inbox.put_nowait(json.dumps({"event": event, "sequenceNumber": str(self._sequence), **body}))
 
-    def start(self, **parameters: str) -> None:
+    def start(self, media_format: dict[str, Any] | None = None, **parameters: str) -> None:
         self.send(
             "start",
             streamSid=STREAM_SID,
@@ -70,7 +70,7 @@ class FakeTwilio:
                 "streamSid": STREAM_SID,
                 "callSid": CALL_SID,
                 "tracks": ["inbound"],
-                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                "mediaFormat": media_format or {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
                 "customParameters": parameters,
             },
         )
@@ -243,6 +243,21 @@ async def test_a_socket_that_closes_before_start_opens_no_provider() -> None:
     call.twilio.inbox.put_nowait(None)
     await asyncio.wait_for(call.runner.run(), DEADLINE_S)
     assert call.factory.built == [] and call.books.saved == []
+
+
+@pytest.mark.parametrize(
+    "media_format",
+    [
+        {"encoding": "audio/l16", "sampleRate": 8000, "channels": 1},
+        {"encoding": "audio/x-mulaw", "sampleRate": 16000, "channels": 1},
+        {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 2},
+    ],
+)
+async def test_a_stream_that_is_not_mulaw_8k_mono_is_refused_before_any_provider(media_format: dict[str, Any]) -> None:
+    call = harness()
+    call.twilio.start(media_format=media_format)
+    await asyncio.wait_for(call.runner.run(), DEADLINE_S)
+    assert call.factory.built == [] and call.books.saved == [] and call.twilio.sent == []
 
 
 async def test_malformed_frames_are_counted_and_the_call_goes_on() -> None:

@@ -121,3 +121,11 @@ def test_backchannel_words_are_compared_as_deepgram_writes_them() -> None:
     settings = ConversationSettings.from_env({"BACKCHANNEL_WORDS": "Mm-hm., Uh-huh , OKAY,okay"})
     assert settings.backchannel_words == ("mm-hm", "uh-huh", "okay")
     assert normalize_word("Right,") == "right" and normalize_word('"Yeah!"') == "yeah"
+
+
+@pytest.mark.parametrize("url", ["wss://media.example.com/media?token=x", "wss://media.example.com/media#a"])
+def test_a_media_stream_url_with_a_query_string_is_refused_at_start_up(url: str) -> None:
+    env = {"TWILIO_AUTH_TOKEN": "t", "MEDIA_STREAM_URL": url, "CALLS_TABLE": "calls"}
+    with pytest.raises(ConfigError, match=r"MEDIA_STREAM_URL: .* Twilio strips or rejects") as raised:
+        MediaSettings.from_env(env)
+    assert raised.value.variable == "MEDIA_STREAM_URL"
