@@ -332,8 +332,8 @@ class CallRunner:
                 self._send(encode_clear(self.stream_sid))
             case SendTtsText(reply_id=reply_id, text=text):
                 providers.tts.send_text(reply_id, text)
-            case FinishTts(reply_id=reply_id):
-                providers.tts.finish(reply_id)
+            case FinishTts(reply_id=reply_id, drop_unfinished=drop_unfinished):
+                providers.tts.finish(reply_id, drop_unfinished)
             case CancelTts(reply_id=reply_id):
                 providers.tts.cancel(reply_id)
             case StartLlm(reply_id=reply_id, messages=messages):

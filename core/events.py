@@ -75,8 +75,11 @@ class LlmText:
 
 @dataclass(slots=True)
 class LlmDone:
+    """The model's stream ended; `finish_reason` as OpenAI gives it ("stop", "length", "content_filter")."""
+
     at_ms: int
     reply_id: str
+    finish_reason: str = "stop"
 
 
 @dataclass(slots=True)
@@ -201,9 +204,11 @@ class SendTtsText:
 
 @dataclass(slots=True)
 class FinishTts:
-    """No more text for this reply: flush and close its context (its final audio follows)."""
+    """No more text for this reply: flush and close its context (its final audio follows). With
+    `drop_unfinished`, text not yet sent that does not end a sentence is never voiced."""
 
     reply_id: str
+    drop_unfinished: bool = False
 
 
 @dataclass(slots=True)

@@ -524,8 +524,19 @@ class Conversation:
         reply = self._current(event.reply_id)
         if reply is None or not reply.writing:
             return
+        if event.finish_reason == "content_filter" and not reply.text.strip():
+            # Section 6: the model refused before saying anything; the caller hears the apology, not silence.
+            actions.append(RecordMetric("LlmRefused", 1, Unit.COUNT, reply.id))
+            self._apologise(reply, actions)
+            return
         reply.streams.fire(StreamsTrigger.TEXT_DONE)
-        actions.append(FinishTts(reply.id))
+        if event.finish_reason == "length":
+            # Out of tokens mid-answer: end at the last whole sentence rather than mid-word.
+            actions.append(RecordMetric("LlmTruncated", 1, Unit.COUNT, reply.id))
+            reply.text = _through_last_sentence(reply.text)
+            actions.append(FinishTts(reply.id, drop_unfinished=True))
+        else:
+            actions.append(FinishTts(reply.id))
 
     def _on_llm_failed(self, event: LlmFailed, actions: list[Action]) -> None:
         """Section 6: a model error is retried once, then the agent apologises; never silence."""
@@ -540,11 +551,15 @@ class Conversation:
             reply.attempts += 1
             actions.append(StartLlm(reply.id, self._messages(reply.caller_text)))
         else:
-            reply.streams.fire(StreamsTrigger.TEXT_DONE)
-            reply.kind = ReplyKind.APOLOGY
-            reply.text = self.rules.apology
-            actions.append(SendTtsText(reply.id, reply.text))
-            actions.append(FinishTts(reply.id))
+            self._apologise(reply, actions)
+
+    def _apologise(self, reply: Reply, actions: list[Action]) -> None:
+        """The model will not answer this turn: the reply becomes the apology (section 6)."""
+        reply.streams.fire(StreamsTrigger.TEXT_DONE)
+        reply.kind = ReplyKind.APOLOGY
+        reply.text = self.rules.apology
+        actions.append(SendTtsText(reply.id, reply.text))
+        actions.append(FinishTts(reply.id))
 
     def _on_tts_audio(self, event: TtsAudio, actions: list[Action]) -> None:
         reply = self._current(event.reply_id)
@@ -672,3 +687,9 @@ def _with_caller_turn(history: list[ChatMessage], caller_text: str) -> list[Chat
     if last is not None and last.role is Role.USER:
         return [*history[:-1], ChatMessage(Role.USER, f"{last.content} {caller_text}")]
     return [*history, ChatMessage(Role.USER, caller_text)]
+
+
+def _through_last_sentence(text: str) -> str:
+    """`text` up to its last sentence end, or all of it if it has none."""
+    ends = [index for index, char in enumerate(text) if char in ".!?" and text[index + 1 : index + 2] in ("", " ")]
+    return text[: ends[-1] + 1] if ends else text

@@ -128,12 +128,14 @@ class ElevenLabsStream(ProviderConnection[dict[str, Any]]):
         for phrase in phrases:
             self._send(context, phrase)
 
-    def finish(self, reply_id: str) -> None:
+    def finish(self, reply_id: str, drop_unfinished: bool = False) -> None:
         """No more text: send what is left, flush, and close the context (its isFinal follows)."""
         context = self._contexts.get(reply_id)
         if context is None:
             self._on_event(TtsDone(self._now_ms(), reply_id))  # nothing was ever said
             return
+        if drop_unfinished and not context.pending.rstrip().endswith((".", "!", "?")):
+            context.pending = ""  # half a sentence is worse than none
         if context.pending.strip():
             self._send(context, context.pending)
         context.pending = ""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
@@ -28,6 +29,14 @@ from core.providers.roles import Clock, EventSink
 from core.records import ChatMessage, Role
 
 _PERMANENT = (401, 403, 404)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Delta:
+    """A piece of the reply, or (with no text) why it ended: "stop", "length", "content_filter", ..."""
+
+    text: str
+    finish_reason: str | None = None
 
 
 class LlmError(Exception):
@@ -78,6 +87,12 @@ class OpenAiChat:
 
     async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
         """The reply's text as it is written; raises `LlmError` when the model fails."""
+        async for delta in self.deltas(messages):
+            if delta.text:
+                yield delta.text
+
+    async def deltas(self, messages: Sequence[ChatMessage]) -> AsyncIterator[Delta]:
+        """The reply as it is written, ending with why it ended (`finish_reason`); raises `LlmError`."""
         try:
             async with asyncio.timeout(self._first_text_timeout_s) as deadline:
                 stream = await self._client.chat.completions.create(
@@ -85,16 +100,20 @@ class OpenAiChat:
                     messages=wire_messages(messages),
                     stream=True,
                     stream_options={"include_usage": True},
-                    max_tokens=self._max_tokens,
+                    # `max_tokens` is deprecated, and refused by reasoning models (o-series).
+                    max_completion_tokens=self._max_tokens,
                 )
                 async with stream:
                     async for chunk in stream:
                         if not chunk.choices:  # the usage chunk at the end has no choices
                             continue
-                        text = chunk.choices[0].delta.content
+                        choice = chunk.choices[0]
+                        text = choice.delta.content
                         if text:
                             deadline.reschedule(None)  # the first text came in time
-                            yield text
+                            yield Delta(text)
+                        if choice.finish_reason:
+                            yield Delta("", choice.finish_reason)
         except TimeoutError:
             raise LlmError(f"no text from {self.model} within {self._first_text_timeout_s:.0f} s") from None
         except openai.APIStatusError as error:
@@ -112,7 +131,7 @@ class OpenAiChat:
     async def complete_once(self, prompt: str, max_tokens: int = 1) -> Any:
         """The smallest real exchange, for `parley check`."""
         return await self._client.chat.completions.create(
-            model=self.model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens
+            model=self.model, messages=[{"role": "user", "content": prompt}], max_completion_tokens=max_tokens
         )
 
     async def close(self) -> None:
@@ -155,9 +174,13 @@ class OpenAiReplies:
         self._closed.set()
 
     async def _answer(self, reply_id: str, messages: tuple[ChatMessage, ...]) -> None:
+        finish_reason = "stop"
         try:
-            async for text in self._chat.stream(messages):
-                self._on_event(LlmText(self._now_ms(), reply_id, text))
+            async for delta in self._chat.deltas(messages):
+                if delta.text:
+                    self._on_event(LlmText(self._now_ms(), reply_id, delta.text))
+                if delta.finish_reason:
+                    finish_reason = delta.finish_reason
         except LlmError as error:
             logger.warning("the model failed", extra={"reply_id": reply_id, "error": str(error)})
             self._tasks.pop(reply_id, None)
@@ -172,4 +195,8 @@ class OpenAiReplies:
             self._on_event(LlmFailed(self._now_ms(), reply_id, "unexpected error"))
             return
         self._tasks.pop(reply_id, None)
-        self._on_event(LlmDone(self._now_ms(), reply_id))
+        if finish_reason != "stop":
+            logger.warning(
+                "the model's answer ended early", extra={"reply_id": reply_id, "finish_reason": finish_reason}
+            )
+        self._on_event(LlmDone(self._now_ms(), reply_id, finish_reason))

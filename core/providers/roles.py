@@ -52,8 +52,9 @@ class TextToSpeech(CallProvider, Protocol):
 
     def send_text(self, reply_id: str, text: str) -> None: ...
 
-    def finish(self, reply_id: str) -> None:
-        """No more text for this reply: its last audio and `TtsDone` follow."""
+    def finish(self, reply_id: str, drop_unfinished: bool = False) -> None:
+        """No more text for this reply: its last audio and `TtsDone` follow. With `drop_unfinished`, text
+        not yet sent that does not end a sentence is dropped (the model ran out of tokens)."""
 
     def cancel(self, reply_id: str) -> None:
         """Drop the reply now; its audio still on the wire is never emitted."""

@@ -28,6 +28,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
+_REASONING_MODELS = ("o1", "o3", "o4", "gpt-5")
+
+
 def _error(message: str, kind: str, code: str | None = None) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
 
@@ -88,12 +91,26 @@ class OpenAiEmulator:
         turn = sum(1 for m in messages if m.get("role") == "user") - 1
         answer = self.scenario.answer(max(0, turn))
         model = request.get("model", "gpt-4o-mini")
+        if "max_tokens" in request and model.startswith(_REASONING_MODELS):
+            # As the API answers reasoning models: `max_tokens` is deprecated and refused for them.
+            message = (
+                "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                "Use 'max_completion_tokens' instead."
+            )
+            await self._reply(send, 400, _error(message, "invalid_request_error", "unsupported_parameter"))
+            return
+        limit = request.get("max_completion_tokens") or request.get("max_tokens")
         if not request.get("stream"):
             words = answer.split()[: max(1, int(request.get("max_tokens") or 1_000_000))]
             await self._reply(send, 200, json.dumps(self._completion(model, " ".join(words))).encode())
             return
         await self._stream(
-            send, receive, model, answer, bool((request.get("stream_options") or {}).get("include_usage"))
+            send,
+            receive,
+            model,
+            answer,
+            bool((request.get("stream_options") or {}).get("include_usage")),
+            int(limit) if limit else None,
         )
 
     async def _reply(self, send: Send, status: int, body: bytes) -> None:
@@ -128,7 +145,9 @@ class OpenAiEmulator:
             },
         }
 
-    async def _stream(self, send: Send, receive: Receive, model: str, answer: str, include_usage: bool) -> None:
+    async def _stream(
+        self, send: Send, receive: Receive, model: str, answer: str, include_usage: bool, limit: int | None
+    ) -> None:
         disconnected = asyncio.Event()
 
         async def watch() -> None:
@@ -172,6 +191,11 @@ class OpenAiEmulator:
             except TimeoutError:
                 pass
             pieces = re.findall(r"\S+\s*", answer)
+            finish = "stop"
+            if self.scenario.faults.openai_content_filter:
+                pieces, finish = [], "content_filter"  # the filter stopped it before any text
+            elif limit is not None and len(pieces) > limit:
+                pieces, finish = pieces[:limit], "length"  # a piece stands for a token here
             for index, piece in enumerate(pieces):
                 if disconnected.is_set():
                     self._count_disconnect()
@@ -196,7 +220,7 @@ class OpenAiEmulator:
                 await send({"type": "http.response.body", "body": chunk({"content": piece}), "more_body": True})
                 if latency.llm_token_interval_ms:
                     await asyncio.sleep(latency.llm_token_interval_ms / 1000)
-            await send({"type": "http.response.body", "body": chunk({}, finish="stop"), "more_body": True})
+            await send({"type": "http.response.body", "body": chunk({}, finish=finish), "more_body": True})
             if include_usage:
                 usage = {"prompt_tokens": 25, "completion_tokens": len(pieces), "total_tokens": 25 + len(pieces)}
                 await send(

@@ -47,6 +47,7 @@ class Faults:
     openai_fail_first: int = 0  # requests answered with `openai_fail_status` before any succeeds
     openai_fail_status: int = 500
     openai_midstream_error: bool = False
+    openai_content_filter: bool = False  # the stream ends at once with finish_reason content_filter
     garbage: bool = False  # providers also send a malformed message now and then
 
 

@@ -167,7 +167,7 @@ class FakeTts(FakeProvider):
     def send_text(self, reply_id: str, text: str) -> None:
         self.text[reply_id] = self.text.get(reply_id, "") + text
 
-    def finish(self, reply_id: str) -> None:
+    def finish(self, reply_id: str, drop_unfinished: bool = False) -> None:
         audio = b"\x7f" * (80 * len(self.text.get(reply_id, "")))
         self.emit_soon(TtsAudio(self.call.now_ms(), reply_id, audio))
         self.emit_soon(TtsDone(self.call.now_ms(), reply_id))

@@ -80,6 +80,7 @@ class Call:
         tts_answers: bool = True,
         finalize_answers: bool = True,
         loud_voice: bool = False,
+        finish_reason: str = "stop",
         **rules: Any,
     ) -> None:
         self.engine = Conversation(TurnRules.defaults(**{"greeting": "", **rules}))
@@ -90,6 +91,7 @@ class Call:
         self.tts_answers = tts_answers
         self.finalize_answers = finalize_answers
         self.loud_voice = loud_voice
+        self.finish_reason = finish_reason
         self.timeline: list[tuple[float, bytes]] = []  # what the caller heard: (play start, audio)
         self.now = 0
         self.steps: list[tuple[int, list[Action]]] = []
@@ -169,7 +171,7 @@ class Call:
                     return
                 self._queue.extend(LlmText(self.now, reply_id, piece) for piece in self.answer)
                 if self.llm_finishes:
-                    self._queue.append(LlmDone(self.now, reply_id))
+                    self._queue.append(LlmDone(self.now, reply_id, self.finish_reason))
             case CancelLlm(reply_id=reply_id):
                 self.cancelled_llm.add(reply_id)
             case CancelTts(reply_id=reply_id):
@@ -855,3 +857,26 @@ def test_what_was_heard_never_runs_past_a_gap_in_the_agents_audio() -> None:
     call.speak(1000)  # stopped 160 ms later: 260 ms into the second piece, in the space after "can"
     # Counting from the last mark as if playback never paused would say all of it was heard.
     assert call.engine.history[-1] == ChatMessage(Role.ASSISTANT, "Sure. I can")
+
+
+# -- section 6: how the model's stream ended -------------------------------------------------------------
+
+
+def test_a_model_that_refuses_with_content_filter_and_no_text_gets_the_apology_spoken() -> None:
+    call = Call([], finish_reason="content_filter", speculate_after_ms=10_000)
+    call.silence(500)
+    caller_turn(call, "something the filter stops")
+    call.silence(6000)
+    assert call.actions(SendTtsText)[-1].text == TurnRules.defaults().apology
+    assert call.engine.history[-1] == ChatMessage(Role.ASSISTANT, TurnRules.defaults().apology)
+    assert len(call.actions(StartLlm)) == 1  # a refusal is not retried
+    assert "LlmRefused" in [a.name for a in call.actions(RecordMetric)]
+
+
+def test_an_answer_cut_by_the_token_limit_ends_at_its_last_whole_sentence() -> None:
+    call = Call(["Sure, I can help with that. ", "What time would"], finish_reason="length", alignment=False)
+    call.silence(500)
+    caller_turn(call, "book a table")
+    call.silence(6000)
+    assert FinishTts("r1", drop_unfinished=True) in call.actions(FinishTts)
+    assert call.engine.history[-1] == ChatMessage(Role.ASSISTANT, "Sure, I can help with that.")

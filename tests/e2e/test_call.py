@@ -9,7 +9,7 @@ import pytest
 import websockets
 
 from infra.caller import HangUp, Pause, Press, Say, SendRaw, WaitForAgent
-from infra.emulators.scenario import Utterance, demo_scenario
+from infra.emulators.scenario import Faults, Utterance, demo_scenario
 from tests.e2e.conftest import MEDIA_STREAM_URL, TOKEN, Stack
 
 FAST = {"SILENCE_THRESHOLD": "1.0", "GREETING": ""}
@@ -185,3 +185,17 @@ async def test_a_cough_over_the_reply_stops_it_and_it_resumes_and_is_heard_to_it
     assert stack.caller_turns() == ["Hi, I would like to book a table for two."]  # the cough is no turn
     _, agent = caller.recording()
     assert agent[int(resumed * 8) :].any()  # audio after the resume reached the caller
+
+
+REFUSING = demo_scenario(faults=Faults(openai_content_filter=True))
+
+
+@pytest.mark.parametrize("settings", [{"GREETING": ""}], indirect=True)
+@pytest.mark.parametrize("scenario", [REFUSING], indirect=True)
+async def test_a_model_that_refuses_is_never_silence_the_caller_hears_the_apology(stack: Stack) -> None:
+    report = await stack.caller([Pause(300), Say("book_table"), WaitForAgent(), HangUp()]).run()
+    await stack.registry.wait_idle()
+    spoken = "".join(m.get("text", "") for m in stack.emulators.elevenlabs.received)
+    assert "Sorry, I'm having trouble answering right now." in spoken
+    assert report.media_received > 0 and not report.timed_out
+    assert stack.item()["transcript"].splitlines()[-1].startswith("Agent: Sorry, I'm having trouble")

@@ -111,3 +111,16 @@ async def test_a_wrong_key_fails_for_good() -> None:
     # the role's failure first, then every reply it was voicing is settled
     assert [type(e).__name__ for e in events] == ["ProviderFailed", "TtsFailed"]
     await emulator.stop()
+
+
+def test_finishing_a_reply_cut_by_the_token_limit_drops_its_half_sentence() -> None:
+    events: list[Any] = []
+    stream = ElevenLabsStream("ws://127.0.0.1:9", "key", "ulaw_8000", events.append, lambda: 0)
+    stream.send_text("r1", "Sure, I can help. And then we")
+    stream.finish("r1", drop_unfinished=True)
+    sent = [item for item in stream._drain_outbox() if item is not None]
+    assert "".join(item.get("text", "") for item in sent) == "Sure, I can help. "
+    assert {"context_id": "r1", "close_context": True} in sent
+    stream.send_text("r2", "All done.")
+    stream.finish("r2", drop_unfinished=True)  # a whole sentence is kept
+    assert "".join(item.get("text", "") for item in stream._drain_outbox() if item is not None) == "All done. "

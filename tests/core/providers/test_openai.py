@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import openai
 import pytest
 
 from core.events import Event, LlmDone, LlmFailed, LlmText, ProviderFailed, ProviderRole
@@ -166,3 +167,41 @@ async def test_a_cancelled_reply_says_nothing_more() -> None:
         seen = len(sink.events)
         await replies.close()  # awaits every reply task: nothing of r1 can arrive after this
         assert len(sink.events) == seen and not any(isinstance(e, LlmDone) for e in sink.events)
+
+
+async def test_the_token_limit_is_sent_as_max_completion_tokens() -> None:
+    async for emulator, chat in chatting():
+        [p async for p in chat.stream(MESSAGES)]
+        request = emulator.requests[0]
+        assert "max_tokens" not in request and request["max_completion_tokens"] == 300
+
+
+async def test_a_reasoning_model_refuses_max_tokens_and_accepts_ours() -> None:
+    """As the API: "'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead."""
+    async for _, chat in chatting():
+        client = chat._client
+        with pytest.raises(openai.BadRequestError, match="max_completion_tokens"):
+            await client.chat.completions.create(
+                model="o3-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=10
+            )
+        reasoning = OpenAiChat("sk-test-key", "o3-mini", str(client.base_url))
+        assert "".join([p async for p in reasoning.stream(MESSAGES)])
+        await reasoning.close()
+
+
+async def test_how_the_stream_ended_reaches_the_engine() -> None:
+    async for _, chat in chatting(Faults(openai_content_filter=True)):
+        sink = Collected(LlmDone, LlmFailed)
+        replies = OpenAiReplies(chat, sink, lambda: 0)
+        replies.start("r1", MESSAGES)
+        await sink.wait()
+        assert sink.events == [LlmDone(0, "r1", "content_filter")]  # no text at all
+        await replies.close()
+    async for _, chat in chatting(max_tokens=5):
+        sink = Collected(LlmDone, LlmFailed)
+        replies = OpenAiReplies(chat, sink, lambda: 0)
+        replies.start("r1", MESSAGES)
+        await sink.wait()
+        assert sink.events[-1] == LlmDone(0, "r1", "length")
+        assert len([e for e in sink.events if isinstance(e, LlmText)]) == 5
+        await replies.close()
