@@ -188,6 +188,13 @@ class _TwilioAndBooks:
     """What both processes read: Twilio's token, the stream URL it signs, the calls table."""
 
     twilio_auth_token: str = setting("TWILIO_AUTH_TOKEN", text, "the Twilio account's auth token", secret=True)
+    twilio_webhook_shared_key: str = setting(
+        "TWILIO_WEBHOOK_SHARED_KEY",
+        optional_text,
+        "the SharedKey secret of the Webhooks Rule that signs Twilio's requests, or empty when none does",
+        "",
+        secret=True,
+    )
     media_stream_url: str = setting(
         "MEDIA_STREAM_URL", stream_url, "the media service's public wss://host/media URL, with no query string"
     )

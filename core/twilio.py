@@ -216,6 +216,16 @@ def signature_algorithm(settings_header: str | None) -> str:
     return "HMAC_SHA1"
 
 
+def signing_secret(auth_token: str, shared_key: str | None, settings_header: str | None) -> str | None:
+    """The secret Twilio signed a request with. A request matched by a Webhooks Rule carries
+    X-Twilio-Webhooks-Signature-Settings and is signed with that rule's SharedKey, not the Auth Token
+    (twilio-python's `RequestValidator`: "the SharedKey secret when the request carries
+    X-Twilio-Webhooks-Signature-Settings"). None: such a request, and no SharedKey configured."""
+    if settings_header and settings_header.strip():
+        return shared_key or None
+    return auth_token
+
+
 def _with_and_without_port(url: str) -> tuple[str, str]:
     """The URL with its port made explicit and with it removed, as twilio-python tries both."""
     parts = urlsplit(url)
@@ -253,17 +263,29 @@ def validate_signature(
     return body_ok and matches
 
 
-def validate_upgrade(auth_token: str, media_stream_url: str, signature: str | None) -> bool:
+def validate_upgrade(
+    auth_token: str,
+    media_stream_url: str,
+    signature: str | None,
+    *,
+    settings_header: str | None = None,
+    shared_key: str | None = None,
+) -> bool:
     """The signature of Twilio's WebSocket upgrade to `<Stream url>`.
 
     What Twilio signs here is UNCONFIRMED in its documentation: the `wss://` URL as written in the
     TwiML (the reading of its "same mechanism as webhooks" statement), or its `https://` twin. Both
-    are accepted; either is still an HMAC of our own URL under our own token.
+    are accepted; either is still an HMAC of our own URL under our own secret (the Auth Token, or a
+    Webhooks Rule's SharedKey when the upgrade names one).
     """
-    if validate_signature(auth_token, media_stream_url, None, signature):
+    secret = signing_secret(auth_token, shared_key, settings_header)
+    if secret is None:
+        return False
+    algorithm = signature_algorithm(settings_header)
+    if validate_signature(secret, media_stream_url, None, signature, algorithm=algorithm):
         return True
     if media_stream_url.startswith("wss://"):
-        return validate_signature(auth_token, "https://" + media_stream_url[6:], None, signature)
+        return validate_signature(secret, "https://" + media_stream_url[6:], None, signature, algorithm=algorithm)
     return False
 
 

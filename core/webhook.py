@@ -19,7 +19,7 @@ from core import metrics
 from core.config import WebhookSettings
 from core.logs import bind_call, logger
 from core.store import CallStore, StoreError
-from core.twilio import connect_stream_twiml, public_url, signature_algorithm, validate_signature
+from core.twilio import connect_stream_twiml, public_url, signature_algorithm, signing_secret, validate_signature
 
 FORM = "application/x-www-form-urlencoded"
 
@@ -61,13 +61,23 @@ class WebhookService:
         params = (
             parse_qs(request.body.decode("utf-8", "replace"), keep_blank_values=True) if content_type == FORM else {}
         )
-        ok = validate_signature(
-            self.settings.twilio_auth_token,
+        signature_settings = headers.get("x-twilio-webhooks-signature-settings")
+        secret = signing_secret(
+            self.settings.twilio_auth_token, self.settings.twilio_webhook_shared_key, signature_settings
+        )
+        if secret is None:
+            logger.error(
+                "a request was signed by a Webhooks Rule's SharedKey, but TWILIO_WEBHOOK_SHARED_KEY is not set; "
+                "set it to that rule's SharedKey secret",
+                extra={"path": request.path},
+            )
+        ok = secret is not None and validate_signature(
+            secret,
             self._url(request),
             params if content_type == FORM else None,
             headers.get("x-twilio-signature"),
             raw_body=None if content_type == FORM else request.body,
-            algorithm=signature_algorithm(headers.get("x-twilio-webhooks-signature-settings")),
+            algorithm=signature_algorithm(signature_settings),
         )
         if not ok:
             metrics.count("SignatureRejected")

@@ -32,7 +32,11 @@ def make_app(settings: MediaSettings, services: CallServices, registry: CallRegi
     @websocket("/media")
     async def media(socket: WebSocket[Any, Any, Any]) -> None:
         if not validate_upgrade(
-            settings.twilio_auth_token, settings.media_stream_url, socket.headers.get("x-twilio-signature")
+            settings.twilio_auth_token,
+            settings.media_stream_url,
+            socket.headers.get("x-twilio-signature"),
+            settings_header=socket.headers.get("x-twilio-webhooks-signature-settings"),
+            shared_key=settings.twilio_webhook_shared_key,
         ):
             metrics.count("SignatureRejected")
             logger.warning("refused a media stream whose X-Twilio-Signature does not match MEDIA_STREAM_URL")

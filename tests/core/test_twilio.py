@@ -33,7 +33,9 @@ from core.twilio import (
     encode_media,
     public_url,
     signature_algorithm,
+    signing_secret,
     validate_signature,
+    validate_upgrade,
 )
 
 # -- inbound messages, exactly as protocols.md section 1.2 quotes Twilio's documentation -----------
@@ -235,3 +237,14 @@ def test_rebuilt_from_proxy_headers() -> None:
         )
         == "wss://m.example.com/media"
     )
+
+
+def test_an_upgrade_signed_by_a_webhooks_rule_is_checked_with_its_shared_key() -> None:
+    url, rule = "wss://media.example.com/media", "key=webhooks_sharedkey_1,algorithm=HMAC_SHA256"
+    by_key = RequestValidator("shared-key").compute_signature(url, {}, "HMAC_SHA256")
+    by_token = RequestValidator("auth-token").compute_signature(url, {}, "HMAC_SHA256")
+    assert validate_upgrade("auth-token", url, by_key, settings_header=rule, shared_key="shared-key")
+    assert not validate_upgrade("auth-token", url, by_token, settings_header=rule, shared_key="shared-key")
+    assert not validate_upgrade("auth-token", url, by_key, settings_header=rule)  # no key configured
+    assert signing_secret("auth-token", "shared-key", None) == "auth-token"
+    assert signing_secret("auth-token", "shared-key", rule) == "shared-key"

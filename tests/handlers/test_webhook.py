@@ -231,3 +231,37 @@ def test_a_missing_setting_fails_at_import_naming_it(monkeypatch: pytest.MonkeyP
     monkeypatch.delenv("MEDIA_STREAM_URL")
     with pytest.raises(ConfigError, match=r"^MEDIA_STREAM_URL: is not set"):
         importlib.reload(webhook)
+
+
+SHARED_KEY = "webhooks-rule-shared-key-secret"
+RULE = "key=webhooks_sharedkey_0123,algorithm=HMAC_SHA256"
+
+
+def rule_signed(secret: str) -> dict[str, Any]:
+    """A /voice request matched by a Webhooks Rule: the settings header, and an HMAC-SHA256 signature."""
+    url = f"https://{HOST}/voice"
+    signature = RequestValidator(secret).compute_signature(url, VOICE_FORM, "HMAC_SHA256")
+    request = event("/voice", VOICE_FORM, signature=signature)
+    request["headers"]["x-twilio-webhooks-signature-settings"] = RULE
+    return request
+
+
+def test_a_webhooks_rule_request_is_checked_with_its_shared_key(
+    monkeypatch: pytest.MonkeyPatch, webhook: ModuleType
+) -> None:
+    """twilio-python: the secret is "the SharedKey secret when the request carries
+    X-Twilio-Webhooks-Signature-Settings", not the Auth Token."""
+    monkeypatch.setenv("TWILIO_WEBHOOK_SHARED_KEY", SHARED_KEY)
+    webhook = importlib.reload(webhook)
+    assert webhook.handler(rule_signed(SHARED_KEY), CONTEXT)["statusCode"] == 200
+    assert webhook.handler(rule_signed(TOKEN), CONTEXT)["statusCode"] == 403  # the Auth Token is not it
+    assert webhook.handler(event("/voice", VOICE_FORM), CONTEXT)["statusCode"] == 200  # no rule: the Auth Token
+
+
+def test_a_webhooks_rule_request_without_a_configured_shared_key_is_refused_and_says_what_to_set(
+    webhook: ModuleType, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert webhook.handler(rule_signed(SHARED_KEY), CONTEXT)["statusCode"] == 403
+    assert webhook.handler(rule_signed(TOKEN), CONTEXT)["statusCode"] == 403
+    assert "TWILIO_WEBHOOK_SHARED_KEY is not set" in caplog.text
+    assert stored() is None
