@@ -39,6 +39,7 @@ from core.events import (
     ClearPlayback,
     CloseProviders,
     DtmfPressed,
+    EndCall,
     EndReason,
     Event,
     FinalizeStt,
@@ -344,6 +345,9 @@ class CallRunner:
                 providers.stt.finalize()
             case RecordMetric(name=name, value=value, unit=unit):
                 metrics.record(name, value, unit)
+            case EndCall(reason=reason):
+                logger.info("the agent ends the call", extra={"reason": reason})
+                self.end("agent")
             case CloseProviders():
                 if self._providers_closed is None:
                     self._providers_closed = asyncio.ensure_future(self._close_all(providers))

@@ -146,7 +146,7 @@ class ProviderFailed:
     reason: str
 
 
-EndReason = Literal["stop", "closed", "shutdown", "error"]
+EndReason = Literal["stop", "closed", "shutdown", "error", "agent"]
 
 
 @dataclass(slots=True)
@@ -258,6 +258,13 @@ class CloseProviders:
 
 
 @dataclass(slots=True)
+class EndCall:
+    """The agent ends the call: its last words were heard (or it has no voice left); close the stream."""
+
+    reason: str
+
+
+@dataclass(slots=True)
 class SaveSummary:
     summary: CallSummary
 
@@ -275,5 +282,6 @@ Action = (
     | ClearPlayback
     | RecordMetric
     | CloseProviders
+    | EndCall
     | SaveSummary
 )

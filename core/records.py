@@ -47,6 +47,7 @@ class ReplyKind(enum.StrEnum):
     GREETING = "greeting"
     ANSWER = "answer"
     APOLOGY = "apology"
+    GOODBYE = "goodbye"
 
 
 @dataclass(frozen=True, slots=True)

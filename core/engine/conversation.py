@@ -69,6 +69,7 @@ from core.events import (
     ClearPlayback,
     CloseProviders,
     DtmfPressed,
+    EndCall,
     Event,
     FinalizeStt,
     FinishTts,
@@ -79,6 +80,7 @@ from core.events import (
     PlaceMark,
     PlayAudio,
     ProviderFailed,
+    ProviderRole,
     RecordMetric,
     SaveSummary,
     SendToStt,
@@ -126,6 +128,8 @@ class Conversation:
         self._stop: _Stop | None = None  # while the agent is STOPPED
         self._caller_sounding = False  # the detector hears the caller now
         self._finalize_sent_ms = 0
+        self._closing_line_said = False
+        self._end_requested = False
         self._segments: list[tuple[int, str]] = []
         self._activity_ms = 0  # last caller voice, word or key of the open turn
         self._speech_counts = False  # whether the detector's current speech belongs to a turn
@@ -171,8 +175,10 @@ class Conversation:
                 self._on_mark(event, actions)
             case LlmDone():
                 self._on_llm_done(event, actions)
-            case TtsDone() | TtsFailed():
+            case TtsDone():
                 self._on_voice_done(event.reply_id, actions)
+            case TtsFailed():
+                self._on_voice_done(event.reply_id, actions, failed=True)
             case LlmFailed():
                 self._on_llm_failed(event, actions)
             case DtmfPressed():
@@ -233,7 +239,7 @@ class Conversation:
                 self._activity_ms = max(self._activity_ms, frame.last_voice_ms or now)
                 if self._stop is not None and voiced_ms >= self.rules.barge_in_confirm_ms:
                     self._confirm_barge_in(actions)  # rule 4: long enough to be meant, words or not
-            elif voiced_ms >= self.rules.barge_in_min_speech_ms:
+            elif voiced_ms >= self.rules.barge_in_min_speech_ms and self.phase.state is CallPhase.CONVERSING:
                 self._barge_in(frame.onset_ms, actions)
         if frame.ended and self._speech_counts:
             self._speech_counts = False
@@ -327,7 +333,7 @@ class Conversation:
                 self._release(reply, actions)
                 return
             self._drop_speculation(actions)
-        if join_segments(segments):
+        if join_segments(segments) and self.phase.state is CallPhase.CONVERSING:
             self._start_reply(segments, self._activity_ms, actions)
 
     # -- rule 7: speculation ---------------------------------------------------------------------------
@@ -336,6 +342,8 @@ class Conversation:
         """Rule 7: once the caller pauses (Deepgram's `speech_final`, or the local pause with every word
         flushed), start the reply on the words so far, its audio held back."""
         if self.caller.state is not C.PAUSED or self.agent.state is not A.IDLE:
+            return
+        if self.phase.state is not CallPhase.CONVERSING:
             return
         if not speech_final and self.flush.state is not FlushState.FLUSHED:
             return
@@ -357,7 +365,7 @@ class Conversation:
         self._take_floor()
         for ulaw, mark in reply.playback.release():
             self._play(reply, ulaw, mark, actions)
-        self._finish_if_heard_out(reply)
+        self._finish_if_heard_out(reply, actions)
 
     # -- rule 4: barge-in ------------------------------------------------------------------------------
 
@@ -421,7 +429,7 @@ class Conversation:
             pieces = reply.playback.release()
         for ulaw, mark in pieces:
             self._play(reply, ulaw, mark, actions)
-        self._finish_if_heard_out(reply)
+        self._finish_if_heard_out(reply, actions)
 
     # -- rule 5: what the agent does not hear while it holds the floor -----------------------------------
 
@@ -495,19 +503,17 @@ class Conversation:
 
     def _greet(self, actions: list[Action]) -> None:
         """Rule 8: on `start` of an inbound call the agent speaks the greeting, interruptible like any reply."""
-        text = self.rules.greeting
+        self._say(self.rules.greeting, ReplyKind.GREETING, actions)
+
+    def _say(self, text: str, kind: ReplyKind, actions: list[Action]) -> None:
+        """A reply whose words are known (no model): the greeting, an apology, the goodbye."""
         reply = Reply.create(
-            self._next_reply_id(),
-            ReplyKind.GREETING,
-            caller_segments=[],
-            speech_end_ms=None,
-            now_ms=self._now_ms,
-            text=text,
+            self._next_reply_id(), kind, caller_segments=[], speech_end_ms=None, now_ms=self._now_ms, text=text
         )
         self._reply = reply
         actions.append(SendTtsText(reply.id, text))
         actions.append(FinishTts(reply.id))
-        self.agent.fire(AgentTrigger.GREET)
+        self.agent.fire(AgentTrigger.SAY)
         self._take_floor()
 
     def _on_llm_text(self, event: LlmText, actions: list[Action]) -> None:
@@ -581,14 +587,24 @@ class Conversation:
                 actions.append(RecordMetric("ReplyLatency", latency, Unit.MILLISECONDS, reply.id))
             self.agent.fire(AgentTrigger.FIRST_AUDIO)
 
-    def _on_voice_done(self, reply_id: str, actions: list[Action]) -> None:
+    def _on_voice_done(self, reply_id: str, actions: list[Action], *, failed: bool = False) -> None:
         reply = self._current(reply_id)
         if reply is None or reply.streams.state not in (StreamsState.WRITING, StreamsState.VOICING):
             return
-        if reply.writing:  # the voice failed for good while the model wrote: nothing will speak its text
+        if reply.writing:  # the voice failed while the model wrote: nothing will speak its text
             actions.append(CancelLlm(reply.id))
         reply.streams.fire(StreamsTrigger.VOICE_DONE)
-        self._finish_if_heard_out(reply)
+        unheard = failed and not reply.playback.has_audio and self.agent.state is not A.HOLDING
+        self._finish_if_heard_out(reply, actions)
+        if (
+            unheard
+            and self._reply is None
+            and self.phase.state is CallPhase.CONVERSING
+            and reply.kind is not ReplyKind.APOLOGY
+        ):
+            # Section 6: never silence. Its context failed; a new one may not (the socket reconnects).
+            actions.append(RecordMetric("TtsFailures", 1, Unit.COUNT, reply.id))
+            self._say(self.rules.apology, ReplyKind.APOLOGY, actions)
 
     def _on_mark(self, event: MarkPlayed, actions: list[Action]) -> None:
         """Rule 3: the agent speaks until Twilio echoes the reply's last mark. Marks of a cleared reply
@@ -596,9 +612,9 @@ class Conversation:
         reply_id, _, _ = event.name.partition(".")
         reply = self._current(reply_id)
         if reply is not None and reply.playback.mark_played(event.name, event.at_ms):
-            self._finish_if_heard_out(reply)
+            self._finish_if_heard_out(reply, actions)
 
-    def _finish_if_heard_out(self, reply: Reply) -> None:
+    def _finish_if_heard_out(self, reply: Reply, actions: list[Action]) -> None:
         """Rule 3, the one place a reply finishes: its voice is done and its last mark was played."""
         if not reply.heard_out:
             return
@@ -606,6 +622,8 @@ class Conversation:
         self._reply = None
         self.hearing.listen_again(self._now_ms)
         self.agent.fire(AgentTrigger.REPLY_FINISHED)
+        if self.phase.state is CallPhase.CLOSING:
+            self._close(actions)
 
     # -- rule 6: what the caller heard enters the history --------------------------------------------------
 
@@ -640,10 +658,43 @@ class Conversation:
     # -- section 6: a provider fails for good --------------------------------------------------------------
 
     def _on_provider_failed(self, event: ProviderFailed, actions: list[Action]) -> None:
+        """Section 6: a provider that failed for good is never silence. A dead speech-to-text ends the call
+        after a goodbye the caller hears whole; a dead voice ends it at once (it can say nothing more); a
+        model that refuses is apologised for reply by reply (`_on_llm_failed`)."""
         failure = f"{event.role.value}: {event.reason}"
-        if failure not in self._provider_failures:
-            self._provider_failures.append(failure)
-            actions.append(RecordMetric("ProviderFailures", 1, Unit.COUNT))
+        if failure in self._provider_failures:
+            return
+        self._provider_failures.append(failure)
+        actions.append(RecordMetric("ProviderFailures", 1, Unit.COUNT))
+        if event.role is ProviderRole.CHAT or self.phase.state is not CallPhase.CONVERSING:
+            return
+        self.phase.fire(PhaseTrigger.CLOSE)
+        if event.role is ProviderRole.TTS:
+            self._closing_line_said = True  # there is no voice left to say it with
+        reply = self._reply
+        if reply is not None and self.agent.state in (A.HOLDING, A.THINKING, A.STOPPED):
+            if self._stop is not None and self._stop.was_playing:
+                self._commit_reply(reply, self._stop.heard, interrupted=True)
+            self._stop_streams(reply, actions)
+            self._reply, self._stop = None, None
+            self.agent.fire(
+                AgentTrigger.CALLER_RESUMED
+                if self.agent.state is A.HOLDING
+                else AgentTrigger.CONFIRMED
+                if self.agent.state is A.STOPPED
+                else AgentTrigger.CALLER_INTERRUPTED
+            )
+        if self.agent.state is A.IDLE:
+            self._close(actions)
+
+    def _close(self, actions: list[Action]) -> None:
+        """CLOSING, the agent silent: say the last line, or, once it was heard, end the call."""
+        if not self._closing_line_said:
+            self._closing_line_said = True
+            self._say(self.rules.cannot_hear_goodbye, ReplyKind.GOODBYE, actions)
+        elif not self._end_requested:
+            self._end_requested = True
+            actions.append(EndCall("provider_failure"))
 
     # -- rule 10: call end -----------------------------------------------------------------------------
 

@@ -24,7 +24,8 @@ audio, not to the conversation, and the engine only reads its verdicts.)
   alive; then CONFIRMED -> IDLE (a real interruption) or RESUME -> SPEAKING (or THINKING, if nothing
   had played yet) when it was a cough, a click or an "mm-hm". The caller going on sends HOLDING -> IDLE.
 * **Call phase** (one per call, DESIGN.md section 2): OPENING -> CONVERSING -> CLOSING -> ENDED. An
-  inbound call is CONVERSING from `start`; CLOSING is where the last words play out to their last mark.
+  inbound call is CONVERSING from `start`; CLOSING is where the last words play out to their last mark
+  (nothing the caller says starts a reply any more), after which the engine asks for the call's end.
 * **STT flush** (one per call): IDLE -> PENDING (`Finalize` sent, Deepgram's `from_finalize` answer not
   yet in) -> FLUSHED when it answers, or when `finalize_wait_ms` pass without an answer (GAVE_UP:
   Deepgram does not promise one when little audio is pending); any new caller activity RESETs it.
@@ -79,7 +80,7 @@ class AgentState(enum.Enum):
 
 
 class AgentTrigger(enum.Enum):
-    GREET = "greet"
+    SAY = "say"  # a line whose words are known: the greeting, an apology, the goodbye
     SPECULATE = "speculate"
     ANSWER = "answer"
     CALLER_RESUMED = "caller_resumed"
@@ -190,7 +191,7 @@ CALLER_TRANSITIONS: dict[CallerState, dict[CallerTrigger, CallerState]] = {
 }
 
 AGENT_TRANSITIONS: dict[AgentState, dict[AgentTrigger, AgentState]] = {
-    A.IDLE: {AT.GREET: A.THINKING, AT.SPECULATE: A.HOLDING, AT.ANSWER: A.THINKING, AT.CALL_ENDED: A.ENDED},
+    A.IDLE: {AT.SAY: A.THINKING, AT.SPECULATE: A.HOLDING, AT.ANSWER: A.THINKING, AT.CALL_ENDED: A.ENDED},
     A.HOLDING: {AT.CALLER_RESUMED: A.IDLE, AT.RELEASE: A.THINKING, AT.CALL_ENDED: A.ENDED},
     A.THINKING: {
         AT.FIRST_AUDIO: A.SPEAKING,

@@ -27,6 +27,10 @@ class TurnRules:
     backchannel_words: frozenset[str]
     echo: EchoConfig = dataclasses.field(default_factory=EchoConfig)
     apology: str = "Sorry, I'm having trouble answering right now. Could you say that again?"
+    # Said before the agent ends a call whose speech-to-text failed for good: it can no longer hear.
+    cannot_hear_goodbye: str = (
+        "Sorry, I can't hear you any more because of a technical problem. Please call back. Goodbye."
+    )
     # Deepgram's word times and the detector's onset disagree by a few tens of ms.
     word_slack_ms: int = 120
     # A stop consonant's closure ("ac-t-ually") is a quiet frame inside speech: one such frame does

@@ -24,7 +24,11 @@ from core.logs import logger
 from core.providers.roles import Clock, EventSink
 
 Item = TypeVar("Item")
-_PERMANENT = (400, 401, 403, 404)
+_PERMANENT = (400, 401, 402, 403, 404)  # 402: the plan is out of credit (Deepgram)
+_POLICY_VIOLATION = 1008
+# A provider that closes every new socket for a policy reason (a key revoked mid-call, a quota used up)
+# will not let us back in; ElevenLabs does this with 1008 and an explanation.
+_POLICY_CLOSES_IN_A_ROW = 2
 
 
 class ProviderConnection(Generic[Item]):
@@ -32,6 +36,7 @@ class ProviderConnection(Generic[Item]):
     role: ProviderRole
     settings_hint = "the provider's key and URL"  # what a person should check when it is refused
     keepalive_message = ""
+    permanent_close_reasons: tuple[str, ...] = ()  # a 1008 close whose reason holds one of these is final
 
     def __init__(
         self,
@@ -63,6 +68,7 @@ class ProviderConnection(Generic[Item]):
         self.reconnects = 0
         self.connected = asyncio.Event()
         self.failure: str | None = None  # why it stopped for good
+        self._heard_from_socket = False  # the current socket delivered what it is for
 
     # -- what subclasses provide --------------------------------------------------------------------
 
@@ -100,7 +106,7 @@ class ProviderConnection(Generic[Item]):
 
     async def run(self) -> None:
         backoff = 0.1
-        failures = 0
+        failures = policy_closes = 0
         while not self._closing:
             try:
                 async with websockets.connect(
@@ -126,6 +132,15 @@ class ProviderConnection(Generic[Item]):
             except (OSError, ConnectionClosed, TimeoutError) as error:
                 if self._closing:
                     return
+                close = error.rcvd if isinstance(error, ConnectionClosed) else None
+                if close is not None and close.code == _POLICY_VIOLATION:
+                    policy_closes = 0 if self._heard_from_socket else policy_closes + 1
+                    if any(marker in close.reason for marker in self.permanent_close_reasons):
+                        self._fail(f"{self.name} closed the stream: {close.code} {close.reason}")
+                        return
+                    if policy_closes >= _POLICY_CLOSES_IN_A_ROW:
+                        self._fail(f"{self.name} closed {policy_closes} sockets in a row: {close.code} {close.reason}")
+                        return
                 logger.warning(f"{self.name} socket dropped; reconnecting", extra={"error": repr(error)})
             self.connected.clear()
             failures += 1
@@ -175,5 +190,10 @@ class ProviderConnection(Generic[Item]):
                 self._last_send = loop.time()
 
     async def _read(self, socket: ClientConnection) -> None:
+        self._heard_from_socket = False
         async for raw in socket:
             self._on_message(raw)
+
+    def _socket_works(self) -> None:
+        """The current socket delivered what it is for (audio, results): its closes are no pattern."""
+        self._heard_from_socket = True

@@ -98,6 +98,7 @@ class DeepgramStream(ProviderConnection[bytes | str]):
     role = ProviderRole.STT
     settings_hint = "DEEPGRAM_API_KEY and DEEPGRAM_URL"
     keepalive_message = _KEEP_ALIVE
+    permanent_close_reasons = ("DATA-0000",)  # "the payload cannot be decoded as audio": ours will not change
 
     def __init__(
         self,
@@ -191,6 +192,7 @@ class DeepgramStream(ProviderConnection[bytes | str]):
 
     def _handle(self, message: _Message) -> None:
         if message.type == "Results":
+            self._socket_works()
             channel = message.channel if isinstance(message.channel, _Channel) else _Channel()
             alternative = channel.alternatives[0] if channel.alternatives else _Alternative()
             words = [

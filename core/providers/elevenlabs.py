@@ -220,7 +220,15 @@ class ElevenLabsStream(ProviderConnection[dict[str, Any]]):
 
     def _handle(self, message: _Message) -> None:
         if message.error:
+            # An error is followed by a 1008 close (input timeout, quota, "something went wrong"): the replies
+            # it names (or, naming none, every open one) will never get their isFinal. Settle them, so the
+            # engine can apologise; the socket reconnects, and repeated closes fail the role.
             logger.warning("ElevenLabs reported an error", extra={"error": message.error, "detail": message.message})
+            named = self._contexts.get(message.contextId) if message.contextId else None
+            failed = [named] if named is not None else list(self._contexts.values())
+            for settled in failed:
+                self._forget(settled)
+                self._on_event(TtsFailed(self._now_ms(), settled.id, f"{message.error}: {message.message}"))
             return
         context_id = message.contextId
         if context_id is None or context_id in self._cancelled:
@@ -229,6 +237,7 @@ class ElevenLabsStream(ProviderConnection[dict[str, Any]]):
         if context is None:
             return
         if message.audio:
+            self._socket_works()
             audio = context.converter.convert(base64.b64decode(message.audio))
             alignment = _aligned(message.alignment)
             if alignment is not None:

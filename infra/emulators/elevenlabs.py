@@ -163,6 +163,19 @@ class _Session:
             return False
         self.emulator.received.append(message)
         self.emulator.inbox.put_nowait(message)
+        if self.scenario.faults.elevenlabs_quota_exceeded and message.get("text", "").strip():
+            # What ElevenLabs does once the account is out of characters: an error, then a 1008 close,
+            # on this socket and every new one.
+            await self._send(
+                {
+                    "message": "This request exceeds your quota of characters.",
+                    "error": "quota_exceeded",
+                    "code": 1008,
+                    "contextId": message.get("context_id"),
+                }
+            )
+            await self.connection.close(1008, "quota_exceeded")
+            return False
         if message.get("close_socket"):
             for context in self.contexts.values():
                 context.flushed = context.closed = True

@@ -44,6 +44,7 @@ class Faults:
     deepgram_answers_idle_finalize: bool = False
     deepgram_idle_timeout_s: float = 10.0
     elevenlabs_drop_after_chars: int | None = None  # first socket closes after voicing this much text
+    elevenlabs_quota_exceeded: bool = False  # every socket answers text with an error and a 1008 close
     openai_fail_first: int = 0  # requests answered with `openai_fail_status` before any succeeds
     openai_fail_status: int = 500
     openai_midstream_error: bool = False

@@ -37,6 +37,7 @@ from core.events import (
     ClearPlayback,
     CloseProviders,
     DtmfPressed,
+    EndCall,
     Event,
     FinalizeStt,
     FinishTts,
@@ -665,15 +666,54 @@ def test_a_provider_that_fails_for_good_is_on_the_record_once() -> None:
     assert summary.provider_failures == ("speech-to-text: Deepgram refused the connection with HTTP 401",)
 
 
-def test_a_voice_that_fails_while_the_model_writes_closes_the_model_and_frees_the_agent() -> None:
+def test_a_voice_that_fails_while_the_model_writes_closes_the_model_and_apologises_once() -> None:
     call = Call(llm_finishes=False, tts_answers=False, speculate_after_ms=10_000)
     call.silence(500)
     caller_turn(call, "hello")
     call.silence(2100)
     reply_id = call.actions(StartLlm)[0].reply_id
-    step = call.feed(TtsFailed(call.now, reply_id, "HTTP 401"))
+    step = call.feed(TtsFailed(call.now, reply_id, "quota_exceeded: out of characters"))
     assert CancelLlm(reply_id) in step
+    apology = TurnRules.defaults().apology
+    assert [a.text for a in step if isinstance(a, SendTtsText)] == [apology]  # never silence
+    assert call.engine.agent_state is AgentState.THINKING
+    again = call.feed(TtsFailed(call.now, "r2", "quota_exceeded: out of characters"))
+    assert not any(isinstance(a, SendTtsText) for a in again)  # an apology that fails is not apologised for
     assert call.engine.agent_state is AgentState.IDLE
+
+
+def test_a_dead_speech_to_text_ends_the_call_after_a_goodbye_heard_whole() -> None:
+    call = Call(ANSWER)
+    call.silence(500)
+    caller_turn(call, "book a table")
+    call.silence(2300)  # the answer is playing
+    step = call.feed(ProviderFailed(call.now, ProviderRole.STT, "Deepgram closed the stream: 1008 DATA-0000"))
+    assert call.engine.phase.state is CallPhase.CLOSING and not any(isinstance(a, EndCall) for a in step)
+    call.speak(600)  # nothing the caller does changes it now: no barge-in, no turn
+    assert call.actions(ClearPlayback) == []
+    call.silence(8000)  # the answer plays out, then the goodbye, to its last mark
+    goodbye = TurnRules.defaults().cannot_hear_goodbye
+    assert call.actions(SendTtsText)[-1].text == goodbye
+    assert call.actions(EndCall) == [EndCall("provider_failure")]
+    ended_at = call.step_with(EndCall)[0]
+    assert ended_at >= call.timeline[-1][0] + len(call.timeline[-1][1]) / 8  # after the goodbye played out
+    assert [m.content for m in call.engine.history if m.role is Role.ASSISTANT] == [ANSWER, goodbye]
+    assert call.engine.summary().provider_failures == ("speech-to-text: Deepgram closed the stream: 1008 DATA-0000",)
+
+
+def test_a_dead_voice_ends_the_call_at_once() -> None:
+    call = Call(llm_finishes=False, tts_answers=False, speculate_after_ms=10_000)
+    call.silence(500)
+    caller_turn(call, "hello")
+    call.silence(2100)
+    step = call.feed(ProviderFailed(call.now, ProviderRole.TTS, "ElevenLabs closed 3 sockets in a row: 1008"))
+    assert EndCall("provider_failure") in step and CancelLlm("r1") in step
+
+
+def test_a_model_that_refuses_the_key_is_on_the_record_and_the_call_goes_on() -> None:
+    call = Call()
+    step = call.feed(ProviderFailed(call.now, ProviderRole.CHAT, "gpt-4o-mini answered HTTP 401"))
+    assert not any(isinstance(a, EndCall) for a in step) and call.engine.phase.state is CallPhase.CONVERSING
 
 
 def test_a_reply_interrupted_before_a_word_was_heard_joins_the_callers_turns() -> None:

@@ -199,3 +199,17 @@ async def test_a_model_that_refuses_is_never_silence_the_caller_hears_the_apolog
     assert "Sorry, I'm having trouble answering right now." in spoken
     assert report.media_received > 0 and not report.timed_out
     assert stack.item()["transcript"].splitlines()[-1].startswith("Agent: Sorry, I'm having trouble")
+
+
+OUT_OF_QUOTA = demo_scenario(faults=Faults(elevenlabs_quota_exceeded=True))
+
+
+@pytest.mark.parametrize("scenario", [OUT_OF_QUOTA], indirect=True)
+async def test_a_voice_out_of_quota_ends_the_call_with_the_reason_on_the_item(stack: Stack) -> None:
+    report = await stack.caller([Pause(300), Say("book_table"), WaitForAgent(timeout_ms=5000), HangUp()]).run()
+    await stack.registry.wait_idle()
+    assert report.closed_by_server  # the agent ended the call: it had no voice left
+    item = stack.item()
+    assert item["end_reason"] == "agent"
+    assert any(f.startswith("text-to-speech: ElevenLabs closed") for f in item["provider_failures"])
+    assert stack.emulators.elevenlabs.connections <= 3  # no reconnect storm

@@ -124,3 +124,29 @@ def test_finishing_a_reply_cut_by_the_token_limit_drops_its_half_sentence() -> N
     stream.send_text("r2", "All done.")
     stream.finish("r2", drop_unfinished=True)  # a whole sentence is kept
     assert "".join(item.get("text", "") for item in stream._drain_outbox() if item is not None) == "All done. "
+
+
+async def test_an_account_out_of_quota_fails_each_reply_then_the_role_with_no_reconnect_storm() -> None:
+    """ElevenLabs answers an account out of characters with an error and a 1008 close, on every socket."""
+    emulator = ElevenLabsEmulator(demo_scenario(faults=Faults(elevenlabs_quota_exceeded=True)))
+    base = await emulator.start()
+    events: list[Any] = []
+    stream = ElevenLabsStream(
+        stream_url(base, "v", model_id="m", output_format="ulaw_8000", inactivity_timeout=20),
+        "el-test-key",
+        "ulaw_8000",
+        events.append,
+        lambda: 0,
+    )
+    runner = asyncio.create_task(stream.run())
+    stream.send_text("r1", "Hello there. ")
+    stream.finish("r1")
+    stream.send_text("r2", "Sorry, I'm having trouble. ")  # the engine's apology, on a new context
+    stream.finish("r2")
+    await asyncio.wait_for(runner, timeout=10)  # it gives up by itself
+    kinds = [type(e).__name__ for e in events]
+    assert kinds.count("TtsFailed") == 2 and kinds[-1] == "ProviderFailed"
+    assert "quota_exceeded" in events[0].reason
+    assert stream.failure is not None and "1008 quota_exceeded" in stream.failure
+    assert emulator.connections == 2  # bounded
+    await emulator.stop()
