@@ -94,17 +94,17 @@ async def test_an_empty_reply_is_done_at_once() -> None:
         await speaker.finished("r9")
 
 
+def voice_of(base: str, key: str, events: list[Any]) -> ElevenLabsStream:
+    """A stream to the emulator at `base` whose events land in `events`."""
+    url = stream_url(base, "v", model_id="m", output_format="ulaw_8000", inactivity_timeout=20)
+    return ElevenLabsStream(url, key, "ulaw_8000", events.append, lambda: 0)
+
+
 async def test_a_wrong_key_fails_for_good() -> None:
     emulator = ElevenLabsEmulator(demo_scenario())
     base = await emulator.start()
     events: list[Any] = []
-    stream = ElevenLabsStream(
-        stream_url(base, "v", model_id="m", output_format="ulaw_8000", inactivity_timeout=20),
-        "nope",
-        "ulaw_8000",
-        events.append,
-        lambda: 0,
-    )
+    stream = voice_of(base, "nope", events)
     stream.send_text("r1", "Hello. ")
     await stream.run()
     assert stream.failure is not None and "401" in stream.failure
@@ -131,13 +131,7 @@ async def test_an_account_out_of_quota_fails_each_reply_then_the_role_with_no_re
     emulator = ElevenLabsEmulator(demo_scenario(faults=Faults(elevenlabs_quota_exceeded=True)))
     base = await emulator.start()
     events: list[Any] = []
-    stream = ElevenLabsStream(
-        stream_url(base, "v", model_id="m", output_format="ulaw_8000", inactivity_timeout=20),
-        "el-test-key",
-        "ulaw_8000",
-        events.append,
-        lambda: 0,
-    )
+    stream = voice_of(base, "el-test-key", events)
     runner = asyncio.create_task(stream.run())
     stream.send_text("r1", "Hello there. ")
     stream.finish("r1")
