@@ -4,7 +4,7 @@ It connects (headers, no compression: audio does not compress), pumps an outbox 
 the socket's messages to the subclass, sends a keep-alive whenever nothing went out for a while (a
 timer, not a timeout per message), and when the socket drops it reconnects with backoff, letting the
 subclass rebuild its outbox for the new socket first (replay audio, re-send unvoiced text). A refusal
-that reconnecting cannot fix (HTTP 400/401/403/404 at the handshake), or `max_attempts` failed
+that reconnecting cannot fix (HTTP 400/401/402/403/404 at the handshake), or `give_up_after_s` of failed
 connections in a row, ends it for good: the role's `ProviderFailed` event says so, naming what to
 check. On `close()` the outbox is drained and the subclass's last messages are read before the socket goes.
 """
@@ -46,7 +46,7 @@ class ProviderConnection(Generic[Item]):
         now_ms: Clock,
         *,
         keepalive_s: float,
-        max_attempts: int = 8,
+        give_up_after_s: float = 30.0,
         max_backoff_s: float = 2.0,
         open_timeout_s: float = 5.0,
         max_size: int = 2**22,
@@ -56,7 +56,9 @@ class ProviderConnection(Generic[Item]):
         self._headers = headers
         self._on_event = on_event
         self._now_ms = now_ms
-        self._max_attempts = max_attempts
+        # Long enough to ride out a provider's short outage (the words are replayed after it), short
+        # enough that a caller is not left talking to a deaf agent for long.
+        self._give_up_after_s = give_up_after_s
         self._keepalive_s = keepalive_s
         self._max_backoff_s = max_backoff_s
         self._open_timeout_s = open_timeout_s
@@ -107,6 +109,8 @@ class ProviderConnection(Generic[Item]):
     async def run(self) -> None:
         backoff = 0.1
         failures = policy_closes = 0
+        loop = asyncio.get_running_loop()
+        failing_since: float | None = None
         while not self._closing:
             try:
                 async with websockets.connect(
@@ -119,7 +123,7 @@ class ProviderConnection(Generic[Item]):
                 ) as socket:
                     self._on_connect()
                     self.connected.set()
-                    backoff, failures = 0.1, 0
+                    backoff, failures, failing_since = 0.1, 0, None
                     await self._pump(socket)
                     if self._closing:
                         return
@@ -144,8 +148,9 @@ class ProviderConnection(Generic[Item]):
                 logger.warning(f"{self.name} socket dropped; reconnecting", extra={"error": repr(error)})
             self.connected.clear()
             failures += 1
-            if failures >= self._max_attempts:
-                self._fail(f"{self.name} could not be reached in {failures} attempts")
+            failing_since = loop.time() if failing_since is None else failing_since
+            if loop.time() - failing_since >= self._give_up_after_s:
+                self._fail(f"{self.name} could not be reached in {failures} attempts over {self._give_up_after_s:g} s")
                 return
             self.reconnects += 1
             await asyncio.sleep(backoff)

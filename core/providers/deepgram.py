@@ -111,6 +111,7 @@ class DeepgramStream(ProviderConnection[bytes | str]):
         batch_ms: int = 80,
         max_backoff_s: float = 2.0,
         open_timeout_s: float = 5.0,
+        give_up_after_s: float = 30.0,
     ) -> None:
         super().__init__(
             url,
@@ -119,6 +120,7 @@ class DeepgramStream(ProviderConnection[bytes | str]):
             now_ms,
             keepalive_s=keepalive_s,
             max_backoff_s=max_backoff_s,
+            give_up_after_s=give_up_after_s,
             open_timeout_s=open_timeout_s,
             close_timeout_s=_CLOSE_TIMEOUT_S,
         )

@@ -103,6 +103,7 @@ class ElevenLabsStream(ProviderConnection[dict[str, Any]]):
         keepalive_s: float = 10.0,
         max_backoff_s: float = 2.0,
         open_timeout_s: float = 5.0,
+        give_up_after_s: float = 30.0,
     ) -> None:
         super().__init__(
             url,
@@ -111,6 +112,7 @@ class ElevenLabsStream(ProviderConnection[dict[str, Any]]):
             now_ms,
             keepalive_s=keepalive_s,
             max_backoff_s=max_backoff_s,
+            give_up_after_s=give_up_after_s,
             open_timeout_s=open_timeout_s,
             max_size=16 * 2**20,
         )
