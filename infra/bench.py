@@ -91,7 +91,7 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
@@ -226,11 +226,11 @@ def _measure(pid: int, media_url: str, count: int) -> dict[str, Any]:
     return {
         "calls": count,
         "reply_beyond_threshold_ms": {
-            "p50": _percentile(replies, 50),
-            "p95": _percentile(replies, 95),
+            "p50": percentile(replies, 50),
+            "p95": percentile(replies, 95),
             "n": len(replies),
         },
-        "barge_in_ms": {"p50": _percentile(barge_ins, 50), "p95": _percentile(barge_ins, 95), "n": len(barge_ins)},
+        "barge_in_ms": {"p50": percentile(barge_ins, 50), "p95": percentile(barge_ins, 95), "n": len(barge_ins)},
         "cpu_core_per_live_call": cpu / wall / count,
         "cpu_seconds_per_call_minute": cpu / call_minutes if call_minutes else float("nan"),
         "rss_mb_per_live_call": (peak["rss"] - baseline_rss) / count,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import ConversationSettings, normalize_word
-from infra.bench import MEDIA_STREAM_URL, TOKEN, MediaStack, _percentile, machine, media_stack
+from infra.bench import MEDIA_STREAM_URL, TOKEN, MediaStack, machine, media_stack, percentile
 from infra.caller import CallReport, HangUp, Pause, Say, SimulatedCaller, Step, WaitForAgent
 from infra.corpus import ITEMS, Item, Kind
 from infra.emulators.scenario import CORPUS_ROUNDS, corpus_call_sid
@@ -87,14 +87,14 @@ def summarize(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
         "false_barge_in_rate": sum(1 for o in noise if o["confirmed"]) / max(1, len(noise)),
         "stopped_then_resumed": len(resumes),
         "resume_delay_ms": {
-            "p50": _percentile(resumes, 50),
-            "p95": _percentile(resumes, 95),
+            "p50": percentile(resumes, 50),
+            "p95": percentile(resumes, 95),
             "max": max(resumes, default=float("nan")),
         },
         "backchannels_leaked": sum(1 for o in noise if o["leaked"]),
         "interruptions": len(real),
         "missed_interruptions": sum(1 for o in real if not o["confirmed"]),
-        "barge_in_ms": {"p50": _percentile(latencies, 50), "p95": _percentile(latencies, 95), "n": len(latencies)},
+        "barge_in_ms": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95), "n": len(latencies)},
         "by_kind": by_kind,
     }
 

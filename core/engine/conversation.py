@@ -97,6 +97,12 @@ from core.records import CallSummary, ChatMessage, ReplyKind, Role, Speaker, Tur
 
 _NO_ACTIONS: list[Action] = []
 A, C = AgentState, CallerState
+# How the agent gives up a reply the caller is not hearing, by the state it is in.
+_WITHDRAW_UNHEARD = {
+    A.HOLDING: AgentTrigger.CALLER_RESUMED,
+    A.THINKING: AgentTrigger.CALLER_INTERRUPTED,
+    A.STOPPED: AgentTrigger.CONFIRMED,
+}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -294,9 +300,7 @@ class Conversation:
             # Late words of the turn the current reply answers (Deepgram was slow to finalize them).
             if reply.caller_segments and reply.playback.first_audio_at_ms is None:
                 # Nothing heard yet: answer the whole turn instead (an apology gets another try, too).
-                self._stop_streams(reply, actions)
-                self._reply = None
-                self.agent.fire(AgentTrigger.CALLER_INTERRUPTED)
+                self._withdraw(reply, AgentTrigger.CALLER_INTERRUPTED, actions)
                 self._start_reply([*reply.caller_segments, (start_ms, text)], reply.speech_end_ms, actions)
                 return
             if reply.caller_segments:
@@ -353,10 +357,8 @@ class Conversation:
     def _drop_speculation(self, actions: list[Action]) -> None:
         """Rule 7: the caller went on; the held reply answered less than they have now said."""
         reply = self._reply
-        if reply is not None:
-            self._stop_streams(reply, actions)
-        self._reply = None
-        self.agent.fire(AgentTrigger.CALLER_RESUMED)
+        assert reply is not None, "dropping a speculation with no held reply"
+        self._withdraw(reply, AgentTrigger.CALLER_RESUMED, actions)
 
     def _release(self, reply: Reply, actions: list[Action]) -> None:
         """Rule 7: the pause reached the threshold: the held reply goes out now."""
@@ -397,14 +399,12 @@ class Conversation:
         reply, stop = self._reply, self._stop
         assert reply is not None and stop is not None, "confirming with no stopped reply"
         self._stop = None
-        self._stop_streams(reply, actions)
         if stop.was_playing:
             self._commit_reply(reply, stop.heard, interrupted=True)
         else:
             # Nothing was heard: the caller is still in the turn the reply was answering.
             self._segments = [*reply.caller_segments, *self._segments]
-        self._reply = None
-        self.agent.fire(AgentTrigger.CONFIRMED)
+        self._withdraw(reply, AgentTrigger.CONFIRMED, actions)
         actions.append(RecordMetric("BargeInConfirmed", 1, Unit.COUNT, reply.id))
 
     def _resume(self, actions: list[Action]) -> None:
@@ -490,6 +490,12 @@ class Conversation:
         if state in (StreamsState.WRITING, StreamsState.VOICING):
             actions.append(CancelTts(reply.id))
             reply.streams.fire(StreamsTrigger.CANCEL)
+
+    def _withdraw(self, reply: Reply, trigger: AgentTrigger, actions: list[Action]) -> None:
+        """The reply will not be heard (any more): close its streams and give the floor back."""
+        self._stop_streams(reply, actions)
+        self._reply = None
+        self.agent.fire(trigger)
 
     def _current(self, reply_id: str) -> Reply | None:
         reply = self._reply
@@ -671,19 +677,12 @@ class Conversation:
         self.phase.fire(PhaseTrigger.CLOSE)
         if event.role is ProviderRole.TTS:
             self._closing_line_said = True  # there is no voice left to say it with
-        reply = self._reply
-        if reply is not None and self.agent.state in (A.HOLDING, A.THINKING, A.STOPPED):
+        reply, withdraw = self._reply, _WITHDRAW_UNHEARD.get(self.agent.state)
+        if reply is not None and withdraw is not None:  # a reply not (or no longer) playing: never finished
             if self._stop is not None and self._stop.was_playing:
                 self._commit_reply(reply, self._stop.heard, interrupted=True)
-            self._stop_streams(reply, actions)
-            self._reply, self._stop = None, None
-            self.agent.fire(
-                AgentTrigger.CALLER_RESUMED
-                if self.agent.state is A.HOLDING
-                else AgentTrigger.CONFIRMED
-                if self.agent.state is A.STOPPED
-                else AgentTrigger.CALLER_INTERRUPTED
-            )
+            self._stop = None
+            self._withdraw(reply, withdraw, actions)
         if self.agent.state is A.IDLE:
             self._close(actions)
 

@@ -266,9 +266,6 @@ class Machine(Generic[S, T]):
             raise ConversationError(self.name, self.state, trigger) from None
         return self.state
 
-    def allows(self, trigger: T) -> bool:
-        return trigger in self.table[self.state]
-
 
 class Hearing:
     """Rule 5's window: words said in [deaf_from_ms, listen_from_ms) on the audio clock do not count."""

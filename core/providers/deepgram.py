@@ -68,7 +68,7 @@ _CLOSE_TIMEOUT_S = 3.0  # after CloseStream, how long Deepgram may take to send 
 
 
 class DeepgramError(Exception):
-    """Deepgram refused us for good (a bad key, a bad request): reconnecting will not help."""
+    """What `parley check` found wrong in its exchange with Deepgram."""
 
 
 def listen_url(base_url: str, *, model: str, utterance_end_ms: int, endpointing_ms: int, tag: str | None = None) -> str:

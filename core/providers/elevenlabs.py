@@ -58,7 +58,7 @@ _encode = msgspec.json.Encoder().encode
 
 
 class ElevenLabsError(Exception):
-    """ElevenLabs refused us for good (bad key, unknown voice): reconnecting will not help."""
+    """What `parley check` found wrong in its exchange with ElevenLabs."""
 
 
 def stream_url(base_url: str, voice_id: str, *, model_id: str, output_format: str, inactivity_timeout: int) -> str:
