@@ -462,7 +462,7 @@ class Conversation:
         return f"r{self._reply_count}"
 
     def _messages(self, caller_text: str) -> tuple[ChatMessage, ...]:
-        return (ChatMessage(Role.SYSTEM, self.rules.system_prompt), *_with_caller_turn(self.history, caller_text))
+        return (ChatMessage(Role.SYSTEM, self.rules.system_prompt), *_joined(self.history, Role.USER, caller_text))
 
     def _start_reply(
         self, segments: list[tuple[int, str]], speech_end_ms: int | None, actions: list[Action], *, held: bool = False
@@ -635,13 +635,14 @@ class Conversation:
 
     def _commit_reply(self, reply: Reply, heard: str, *, interrupted: bool) -> None:
         """Rule 6: the history keeps what the caller heard. A caller turn answered by nothing heard is
-        joined to the next one, so caller and agent messages alternate."""
+        joined to the next one, and a line of the agent's with no caller turn before it (a goodbye after
+        the greeting) to the one before, so caller and agent messages alternate."""
         caller_text = reply.caller_text
         if caller_text:
-            self.history = _with_caller_turn(self.history, caller_text)
+            self.history = _joined(self.history, Role.USER, caller_text)
             self._turns.append(TurnRecord(Speaker.CALLER, caller_text, reply.speech_end_ms))
         if heard:
-            self.history.append(ChatMessage(Role.ASSISTANT, heard))
+            self.history = _joined(self.history, Role.ASSISTANT, heard)
         first_audio = reply.playback.first_audio_at_ms
         latency = (
             first_audio - reply.speech_end_ms if first_audio is not None and reply.speech_end_ms is not None else None
@@ -730,13 +731,13 @@ class Conversation:
         )
 
 
-def _with_caller_turn(history: list[ChatMessage], caller_text: str) -> list[ChatMessage]:
-    """The history with the caller's turn added: joined to the last message if that was the caller's
-    too (the reply between them was never heard), so the model sees caller and agent alternate."""
+def _joined(history: list[ChatMessage], role: Role, text: str) -> list[ChatMessage]:
+    """The history with a message added: joined to the last one if that has the same role, so the
+    model sees caller and agent alternate."""
     last = history[-1] if history else None
-    if last is not None and last.role is Role.USER:
-        return [*history[:-1], ChatMessage(Role.USER, f"{last.content} {caller_text}")]
-    return [*history, ChatMessage(Role.USER, caller_text)]
+    if last is not None and last.role is role:
+        return [*history[:-1], ChatMessage(role, f"{last.content} {text}")]
+    return [*history, ChatMessage(role, text)]
 
 
 def _through_last_sentence(text: str) -> str:

@@ -268,31 +268,36 @@ class Machine(Generic[S, T]):
 
 
 class Hearing:
-    """Rule 5's window: words said in [deaf_from_ms, listen_from_ms) on the audio clock do not count."""
+    """Rule 5's windows: words said while the agent held the floor, [from, to) on the audio clock, do
+    not count. Past windows are kept for a while: Deepgram's words can arrive after the agent has given
+    the floor back and taken it again (a reply nobody heard, then an apology at once)."""
 
-    __slots__ = ("deaf_from_ms", "listen_from_ms", "machine")
+    __slots__ = ("machine", "windows")
+    MEMORY_MS = 30_000  # no transcript comes this late
 
     def __init__(self) -> None:
         self.machine: Machine[HearingState, HearingTrigger] = Machine("hearing", HEARING_TRANSITIONS, H.OPEN)
-        self.deaf_from_ms: float = float("inf")
-        self.listen_from_ms: float = float("inf")
+        self.windows: list[list[float]] = []  # [from, to); the last one is open (to = inf) while DEAF
 
     def agent_took_floor(self, now_ms: int) -> None:
         # Already deaf (a reply restarted with late words): the floor was taken when it first was, and
         # moving the window's start would let words said in between count as a new turn.
         if self.machine.state is H.OPEN:
-            self.deaf_from_ms = now_ms
+            self.windows = [w for w in self.windows if w[1] > now_ms - self.MEMORY_MS]
+            self.windows.append([now_ms, float("inf")])
         self.machine.fire(HT.AGENT_TOOK_FLOOR)
-        self.listen_from_ms = float("inf")
 
     def listen_again(self, from_ms: float) -> None:
+        """The agent gives the floor back: words said from `from_ms` count (it moves the last window's end)."""
         self.machine.fire(HT.LISTEN_AGAIN)
-        self.listen_from_ms = from_ms
+        if self.windows:
+            self.windows[-1][1] = from_ms
 
     def agent_resumed(self) -> None:
-        """The floor is the agent's again as if never given up: the window reaches back to its start."""
+        """The floor is the agent's again as if never given up: the last window reopens."""
         self.machine.fire(HT.AGENT_RESUMED)
-        self.listen_from_ms = float("inf")
+        if self.windows:
+            self.windows[-1][1] = float("inf")
 
     def hears(self, said_at_ms: float) -> bool:
-        return not self.deaf_from_ms <= said_at_ms < self.listen_from_ms
+        return not any(start <= said_at_ms < end for start, end in self.windows)

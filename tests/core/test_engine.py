@@ -61,7 +61,7 @@ from core.events import (
     Unit,
     Word,
 )
-from core.records import ChatMessage, Role
+from core.records import ChatMessage, Role, Speaker
 
 _rng = np.random.default_rng(3)
 SPEECH = [samples_to_ulaw(np.round(_rng.normal(0, 3000, 160)).astype(np.int16)) for _ in range(25)]
@@ -697,8 +697,37 @@ def test_a_dead_speech_to_text_ends_the_call_after_a_goodbye_heard_whole() -> No
     assert call.actions(EndCall) == [EndCall("provider_failure")]
     ended_at = call.step_with(EndCall)[0]
     assert ended_at >= call.timeline[-1][0] + len(call.timeline[-1][1]) / 8  # after the goodbye played out
-    assert [m.content for m in call.engine.history if m.role is Role.ASSISTANT] == [ANSWER, goodbye]
+    assert [t.text for t in call.engine.summary().turns if t.speaker is Speaker.AGENT] == [ANSWER, goodbye]
+    assert call.engine.history[-1] == ChatMessage(Role.ASSISTANT, f"{ANSWER} {goodbye}")  # one agent message
     assert call.engine.summary().provider_failures == ("speech-to-text: Deepgram closed the stream: 1008 DATA-0000",)
+
+
+def test_a_goodbye_right_after_the_greeting_joins_it_so_messages_alternate() -> None:
+    """Found by the stateful test: a dead speech-to-text before the caller said anything."""
+    greeting = "Hello! How can I help?"
+    call = Call(greeting=greeting)
+    call.silence(1000)  # the greeting is heard
+    call.feed(ProviderFailed(call.now, ProviderRole.STT, "Deepgram refused the connection with HTTP 402"))
+    call.silence(8000)
+    goodbye = TurnRules.defaults().cannot_hear_goodbye
+    assert call.engine.history == [ChatMessage(Role.ASSISTANT, f"{greeting} {goodbye}")]
+    assert [t.text for t in call.engine.summary().turns] == [greeting, goodbye]  # the record keeps both lines
+
+
+def test_late_words_of_a_reply_nobody_heard_do_not_count_after_the_apology_takes_the_floor() -> None:
+    """Found by the stateful test: the apology took the floor at once, and the deaf window of the reply
+    before it was forgotten, so a late word from it opened a turn the agent could never answer."""
+    call = Call(llm_finishes=False, tts_answers=False, speculate_after_ms=10_000)
+    call.silence(500)
+    caller_turn(call, "hello")
+    call.silence(2100)
+    reply_id = call.actions(StartLlm)[0].reply_id
+    call.silence(200)
+    call.feed(TtsFailed(call.now, reply_id, "quota_exceeded"))  # the apology takes the floor now
+    call.words("uh", call.now - 100, call.now - 50)  # said while the failed reply held the floor
+    call.silence(3000)
+    assert call.engine.caller_state is CallerState.SILENT
+    assert len(call.actions(StartLlm)) == 1
 
 
 def test_a_dead_voice_ends_the_call_at_once() -> None:
