@@ -6,8 +6,12 @@ answers as Deepgram does: interim results while speech goes on, a final result w
 `stt_final_ms` after speech stops, `UtteranceEnd` after `utterance_end_ms` without words,
 `SpeechStarted` with `vad_events`, a `from_finalize` result for `Finalize`, `Metadata` and a close
 for `CloseStream`, and close 1011 `NET-0001` after the idle timeout. Its clock is the audio it has
-received, as Deepgram's is. Which words were said comes from the scenario: the n-th utterance it
-hears is the scenario's n-th caller text, its words spread over that utterance's duration. Progress
+received, as Deepgram's is, and it works through that audio no faster than `deepgram_max_speed` times
+real time (1.25x, as Deepgram does), with a half-second allowance so a live stream's batches are not
+held back: a replayed backlog is worked through at that pace, so catching up takes real time here too.
+A scripted outage refuses a call's new sockets with HTTP 503 for a while after its first socket drops.
+Which words were said comes from the scenario: the n-th utterance it hears is the scenario's n-th
+caller text, its words spread over that utterance's duration. Progress
 is kept per `tag` (Parley tags each stream with its CallSid), so a reconnecting client continues
 mid-utterance.
 """
@@ -36,6 +40,7 @@ from infra.emulators.scenario import Scenario
 _FRAME = 160
 _LOUD_DBFS = -45.0
 _TOLERANCE_MS = 250
+_BURST_MS = 500.0  # audio that may be worked through at once after an idle moment
 _MODEL_INFO = {"name": "general-nova-3", "version": "2026-01-01.0", "arch": "nova-3"}
 
 
@@ -44,6 +49,7 @@ class _Progress:
     utterance: int = 0
     emitted: int = 0  # words of the current utterance already given as final
     connections: int = 0
+    refused_until: float = 0.0  # loop time until which an outage refuses new sockets
 
 
 @dataclasses.dataclass
@@ -86,6 +92,9 @@ class DeepgramEmulator:
             response.headers["dg-error"] = "Invalid credentials."
             return response
         query = {k: v[-1] for k, v in parse_qs(path.query).items()}
+        progress = self.progress.get(query.get("tag", ""))
+        if progress is not None and asyncio.get_running_loop().time() < progress.refused_until:
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "Service Unavailable\n")
         if query.get("encoding", "mulaw") not in ("mulaw", "linear16") or query.get("sample_rate", "8000") != "8000":
             return connection.respond(http.HTTPStatus.BAD_REQUEST, "Unsupported encoding or sample_rate.\n")
         for name in ("interim_results", "vad_events", "smart_format", "punctuate"):
@@ -135,6 +144,9 @@ class _Session:
         self.utterance_end_sent = True
         self.pause_answered = True
         self.garbage_sent = False
+        self.max_speed = self.scenario.latency.deepgram_max_speed
+        self.credit_ms = _BURST_MS  # audio it may work through now without falling behind its pace
+        self.credit_at = asyncio.get_running_loop().time()
 
     async def run(self) -> None:
         timeout = self.scenario.faults.deepgram_idle_timeout_s
@@ -151,6 +163,8 @@ class _Session:
                         return
                     await self._audio(message)
                     if self.drop_after_ms is not None and self.audio_ms >= self.drop_after_ms:
+                        outage_s = self.scenario.faults.deepgram_outage_ms / 1000
+                        self.progress.refused_until = asyncio.get_running_loop().time() + outage_s
                         self.connection.transport.abort()  # a network drop, no close frame
                         return
                 else:
@@ -206,9 +220,24 @@ class _Session:
             samples = (np.frombuffer(frame, "<i2") if self.linear16 else ulaw_to_samples(frame)).astype(np.float64)
             power = float(np.mean(samples**2))
             level = 10 * math.log10(power / 32768**2) if power > 0 else -120.0
+            await self._keep_pace()
             start = self.audio_ms
             self.audio_ms += 20
             await self._frame(start, level >= _LOUD_DBFS)
+
+    async def _keep_pace(self) -> None:
+        """Work through a frame no sooner than `max_speed` allows (a token bucket of audio time)."""
+        if self.max_speed is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self.credit_ms = min(_BURST_MS, self.credit_ms + (now - self.credit_at) * 1000 * self.max_speed)
+        self.credit_at = now
+        if self.credit_ms < 20:
+            # Emulating Deepgram's processing time, not waiting for an event: the pace is the behaviour.
+            await asyncio.sleep((20 - self.credit_ms) / (1000 * self.max_speed))
+            self.credit_ms, self.credit_at = 20.0, loop.time()
+        self.credit_ms -= 20
 
     async def _frame(self, start_ms: float, loud: bool) -> None:
         now = self.audio_ms

@@ -34,11 +34,16 @@ class Latency:
     llm_first_text_ms: int = 300
     llm_token_interval_ms: int = 10
     tts_first_audio_ms: int = 150
+    # Deepgram processes audio at most this many times real time ("if you send a large buffer of
+    # audio, the stream may wind up being significantly delayed"); None for tests that push audio
+    # faster than a call would and do not measure catching up.
+    deepgram_max_speed: float | None = 1.25
 
 
 @dataclasses.dataclass(frozen=True)
 class Faults:
     deepgram_drop_after_ms: int | None = None  # first socket of a call closes after this much audio
+    deepgram_outage_ms: int = 0  # after that drop, the call's new sockets are refused (HTTP 503) this long
     # Whether Finalize with nothing pending gets a reply: Deepgram's documentation says one "is not
     # guaranteed if there is no significant amount of audio data", so by default it gets none.
     deepgram_answers_idle_finalize: bool = False
