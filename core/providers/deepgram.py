@@ -176,6 +176,7 @@ class DeepgramStream(ProviderConnection[bytes | str]):
         self._socket_ms = 0  # audio sent on this socket: Deepgram's clock
         # Where this socket's clock meets the call's: (socket ms, audio-clock ms), one per jump.
         self._anchors: list[tuple[int, int]] = []
+        self._socket_end_at_ms: int | None = None  # the audio-clock time this socket's audio has reached
         self._next_at_ms: int | None = None
         self._catch_up: _CatchUp | None = None
         self.catch_ups: list[int] = []  # ms each reconnect took to deliver its backlog's words
@@ -215,9 +216,11 @@ class DeepgramStream(ProviderConnection[bytes | str]):
             self._send(frame, at_ms + _duration_ms(ulaw[:offset]))
 
     def _send(self, ulaw: bytes, at_ms: int) -> None:
-        if not self._anchors or self._clock_at(self._socket_ms) != at_ms:
+        if at_ms != self._socket_end_at_ms:  # audio was skipped: the socket's clock jumps here
             self._anchors.append((self._socket_ms, at_ms))
-        self._socket_ms += _duration_ms(ulaw)
+        duration_ms = _duration_ms(ulaw)
+        self._socket_ms += duration_ms
+        self._socket_end_at_ms = at_ms + duration_ms
         # Audio goes out in batches: a socket send per 20 ms frame is most of the per-call CPU, and
         # speech is detected locally, so the batch delays only Deepgram's words, not any decision.
         self._batch += ulaw
@@ -254,7 +257,7 @@ class DeepgramStream(ProviderConnection[bytes | str]):
         replay = list(self._unconfirmed)
         self._batch.clear()  # its audio is in the replay
         controls = [item for item in self._drain_outbox() if not isinstance(item, bytes)]
-        self._socket_ms, self._anchors = 0, []
+        self._socket_ms, self._anchors, self._socket_end_at_ms = 0, [], None
         self._catch_up = _CatchUp(
             speech_until_ms=_end_of_speech(replay),
             since_ms=self._now_ms(),
