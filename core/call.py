@@ -48,15 +48,18 @@ from core.events import (
     PlaceMark,
     PlayAudio,
     RecordMetric,
+    RunTool,
     SaveSummary,
     SendToStt,
     SendTtsText,
     StartLlm,
+    ToolAnswered,
 )
 from core.logs import bind_call, logger
 from core.providers.factory import VendorProviders
 from core.providers.roles import CallContext, CallProviders, ProviderFactory
-from core.records import CallSummary
+from core.records import CallSummary, NextStep, ToolCall
+from core.tools import HttpTools
 from core.twilio import (
     Connected,
     Dtmf,
@@ -85,7 +88,9 @@ class TwilioSocket(Protocol):
 
 
 class CallRecorder(Protocol):
-    """Where a call's summary goes at its end (`core.store.CallStore`)."""
+    """The call's books (`core.store.CallStore`): what the call does when its stream closes, and its summary."""
+
+    def set_next(self, call_sid: str, next_step: NextStep, stream_sid: str) -> bool: ...
 
     def complete_call(
         self, call_sid: str, summary: CallSummary, parameters: Mapping[str, str] | None = None
@@ -102,9 +107,12 @@ class CallServices:
     rules: TurnRules
     providers: ProviderFactory
     store: CallRecorder | None
+    tools: HttpTools | None = None  # a team's HTTP tools (TOOLS_FILE), shared by every call
 
     async def aclose(self) -> None:
         await self.providers.aclose()
+        if self.tools is not None:
+            await self.tools.aclose()
 
 
 class CallRunner:
@@ -337,23 +345,47 @@ class CallRunner:
                 providers.tts.finish(reply_id, drop_unfinished)
             case CancelTts(reply_id=reply_id):
                 providers.tts.cancel(reply_id)
-            case StartLlm(reply_id=reply_id, messages=messages):
-                providers.chat.start(reply_id, messages)
+            case StartLlm(reply_id=reply_id, messages=messages, tools=tools):
+                providers.chat.start(reply_id, messages, tools)
             case CancelLlm(reply_id=reply_id):
                 providers.chat.cancel(reply_id)
             case FinalizeStt():
                 providers.stt.finalize()
             case RecordMetric(name=name, value=value, unit=unit):
                 metrics.record(name, value, unit)
-            case EndCall(reason=reason):
-                logger.info("the agent ends the call", extra={"reason": reason})
-                self.end("agent")
+            case RunTool(call=call):
+                self._spawn(self._run_tool(call), f"tool-{call.name}")
+            case EndCall(outcome=outcome, next=next_step):
+                logger.info("the agent ends the call", extra={"outcome": outcome, "next": next_step.action})
+                self._spawn(self._end_with(next_step), "end-call")
             case CloseProviders():
                 if self._providers_closed is None:
                     self._providers_closed = asyncio.ensure_future(self._close_all(providers))
             case SaveSummary(summary=summary):
                 self.summary = summary
                 self._summary_saved = asyncio.ensure_future(self._save(summary))
+
+    async def _run_tool(self, call: ToolCall) -> None:
+        tools = self._services.tools
+        if tools is None:
+            result = '{"error": "no tools are configured"}'
+        else:
+            result = await tools.run(self.call_sid, call.name, call.arguments)
+        if self.live:
+            self._feed(ToolAnswered(self._clock_ms, call.id, result))
+
+    async def _end_with(self, next_step: NextStep) -> None:
+        """Section 2b: `next` goes on the item before the stream closes, so the webhook's `/after-stream`
+        finds it when Twilio moves on; then the stream is closed."""
+        store = self._services.store
+        if store is not None and self.call_sid:
+            try:
+                if not await asyncio.to_thread(store.set_next, self.call_sid, next_step, self.stream_sid):
+                    logger.warning("the call already had a next step; it was kept", extra={"next": next_step.action})
+            except Exception as error:  # the caller still hears the stream close; /after-stream apologises
+                metrics.count("BookkeepingFailures")
+                logger.error("could not record the call's next step", extra={"error": str(error)})
+        self.end("agent")
 
     def _send(self, frame: str) -> None:
         self._outbox.append(frame)
@@ -415,4 +447,6 @@ def call_services(
     providers: ProviderSettings, conversation: ConversationSettings, store: CallRecorder | None
 ) -> CallServices:
     """The production services: rules from the settings, the vendors' providers, the call's books."""
-    return CallServices(rules=TurnRules.from_settings(conversation), providers=VendorProviders(providers), store=store)
+    rules = TurnRules.from_settings(conversation)
+    http_tools = HttpTools(conversation.tools) if conversation.tools else None
+    return CallServices(rules=rules, providers=VendorProviders(providers), store=store, tools=http_tools)

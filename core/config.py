@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit
 
+from core.tools import ToolSpec, load_tools_file, parse_destinations
+
 T = TypeVar("T")
 
 _REQUIRED = object()
@@ -290,6 +292,39 @@ class ConversationSettings:
         word_list,
         "comma-separated words that never interrupt the agent, e.g. mm-hm,uh-huh,yeah,okay,right",
         "mm-hm,mm-hmm,mhm,mm,hmm,hm,uh-huh,uh,um,yeah,yep,yes,ok,okay,right,sure,alright",
+    )
+
+    goodbye: str = setting(
+        "GOODBYE", text, "the agent's last words before it ends a call", "Thank you for calling. Goodbye!"
+    )
+    idle_reprompt: str = setting(
+        "IDLE_REPROMPT", text, "what the agent says to a silent caller", "Are you still there?"
+    )
+    idle_reprompt_seconds: float = setting("IDLE_REPROMPT_SECONDS", positive_float, _SECONDS, "8")
+    idle_max_reprompts: int = setting(
+        "IDLE_MAX_REPROMPTS", non_negative_int, "how many reprompts before the agent hangs up, e.g. 2", "2"
+    )
+    max_call_seconds: float = setting(
+        "MAX_CALL_SECONDS", positive_float, "the longest call in seconds, e.g. 1800", "1800"
+    )
+    transfer_destinations: Mapping[str, str] = setting(
+        "TRANSFER_DESTINATIONS",
+        parse_destinations,
+        "comma-separated name=number pairs (E.164 or sip:), e.g. support=+15551230000,billing=+15551239999",
+        "",
+    )
+    tools: tuple[ToolSpec, ...] = setting(
+        "TOOLS_FILE",
+        load_tools_file,
+        'the path of a JSON list of {"name", "description", "parameters", "url", "timeout"} tools, or empty',
+        "",
+    )
+    tool_filler_ms: int = setting("TOOL_FILLER_MS", non_negative_int, _MS, "1000")
+    resume_line: str = setting(
+        "RESUME_LINE",
+        text,
+        "what the agent says when a lost stream comes back",
+        "Sorry, I lost you for a moment. Where were we?",
     )
 
     def __post_init__(self) -> None:

@@ -18,7 +18,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Literal
 
-from core.records import CallSummary, ChatMessage
+from core.records import CallSummary, ChatMessage, NextStep, ToolCall
+from core.tools import ToolSpec
 
 # -- events (fed to the engine) ---------------------------------------------------------------------
 
@@ -80,6 +81,24 @@ class LlmDone:
     at_ms: int
     reply_id: str
     finish_reason: str = "stop"
+
+
+@dataclass(slots=True)
+class LlmToolCalls:
+    """The model asked for tools (DESIGN.md section 2b); its stream ends with `finish_reason` "tool_calls"."""
+
+    at_ms: int
+    reply_id: str
+    calls: tuple[ToolCall, ...]
+
+
+@dataclass(slots=True)
+class ToolAnswered:
+    """An HTTP tool's answer, or the error result standing for it."""
+
+    at_ms: int
+    call_id: str
+    result: str
 
 
 @dataclass(slots=True)
@@ -162,6 +181,8 @@ Event = (
     | UtteranceEnd
     | LlmText
     | LlmDone
+    | LlmToolCalls
+    | ToolAnswered
     | LlmFailed
     | TtsAudio
     | TtsDone
@@ -189,6 +210,14 @@ class FinalizeStt:
 class StartLlm:
     reply_id: str
     messages: tuple[ChatMessage, ...]
+    tools: tuple[ToolSpec, ...] = ()
+
+
+@dataclass(slots=True)
+class RunTool:
+    """Call a team's HTTP tool; its answer comes back as `ToolAnswered` with the call's id."""
+
+    call: ToolCall
 
 
 @dataclass(slots=True)
@@ -259,9 +288,11 @@ class CloseProviders:
 
 @dataclass(slots=True)
 class EndCall:
-    """The agent ends the call: its last words were heard (or it has no voice left); close the stream."""
+    """The agent ends the call: its last words were heard (or it has no voice left). Record `next` on
+    the call's item, then close the stream; `outcome` says why, for the record."""
 
-    reason: str
+    outcome: str
+    next: NextStep
 
 
 @dataclass(slots=True)
@@ -273,6 +304,7 @@ Action = (
     SendToStt
     | FinalizeStt
     | StartLlm
+    | RunTool
     | CancelLlm
     | SendTtsText
     | FinishTts

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 
 class Role(enum.StrEnum):
@@ -48,6 +49,33 @@ class ReplyKind(enum.StrEnum):
     ANSWER = "answer"
     APOLOGY = "apology"
     GOODBYE = "goodbye"
+    REPROMPT = "reprompt"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolUse:
+    """A tool the agent used in a turn, for the call's record: what it asked and what came back."""
+
+    name: str
+    arguments: str
+    result: str
+    call_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NextStep:
+    """What the call does when the agent closes its stream: the item's `next` (DESIGN.md section 3)."""
+
+    action: Literal["hangup", "transfer"]
+    destination: str | None = None  # a TRANSFER_DESTINATIONS name; the number is resolved from it
+    number: str | None = None
+    summary: str | None = None
+
+    def as_item(self) -> dict[str, Any]:
+        item: dict[str, Any] = {"action": self.action}
+        if self.action == "transfer":
+            item.update(destination=self.destination, number=self.number, summary=self.summary or "")
+        return item
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +92,7 @@ class TurnRecord:
     full_text: str | None = None
     interrupted: bool = False
     reply_latency_ms: int | None = None
+    tools: tuple[ToolUse, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +106,8 @@ class CallSummary:
     barge_in_ms: tuple[int, ...] = ()
     provider_failures: tuple[str, ...] = field(default=())
     false_barge_ins: int = 0  # stops that were a cough, a click or an "mm-hm", and resumed (rule 4)
+    outcome: str | None = None  # how the agent ended the call, when it did (DESIGN.md section 2b)
+    history: tuple[ChatMessage, ...] = ()  # the conversation as the model knows it, tool calls included
 
     @property
     def turn_count(self) -> int:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
-from core.records import CallSummary, Speaker, TurnRecord
+from core.records import CallSummary, NextStep, Speaker, TurnRecord
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -186,6 +186,18 @@ class CallStore:
             values[":stream_sid"] = params["StreamSid"]
         self._update(params["CallSid"], f"{expression} ADD stream_log :entry", values)
 
+    def set_next(self, call_sid: str, next_step: NextStep, stream_sid: str) -> bool:
+        """What the call does when the agent's stream closes (DESIGN.md section 2b). Written only if no
+        step is waiting to be acted on; False when one is (it is kept: the webhook clears it when acting)."""
+        item = {**next_step.as_item(), "stream_sid": stream_sid}
+        return self._update(
+            call_sid,
+            f"SET {self._CREATED}, #next = :next",
+            {":next": item},
+            names={"#next": "next"},
+            condition="attribute_not_exists(#next)",
+        )
+
     def complete_call(self, call_sid: str, summary: CallSummary, parameters: Mapping[str, str] | None = None) -> None:
         """The media service's record at call end; creates the item if the webhook's is missing."""
         values: dict[str, Any] = {
@@ -213,6 +225,9 @@ class CallStore:
         if summary.provider_failures:
             sets.append("provider_failures = :provider_failures")
             values[":provider_failures"] = list(summary.provider_failures)
+        if summary.outcome:
+            sets.append("outcome = :outcome")
+            values[":outcome"] = summary.outcome
         for name, key in (("from_number", "From"), ("to_number", "To"), ("stream_sid", "StreamSid")):
             if parameters and parameters.get(key):
                 sets.append(f"{name} = if_not_exists({name}, :{name})")
@@ -253,6 +268,8 @@ def _turn_item(turn: TurnRecord) -> dict[str, Any]:
     if turn.speaker is Speaker.AGENT:
         item["kind"] = turn.kind.value if turn.kind is not None else None
         item["interrupted"] = turn.interrupted
+    if turn.tools:
+        item["tools"] = [{"name": use.name, "arguments": use.arguments, "result": use.result} for use in turn.tools]
     return item
 
 

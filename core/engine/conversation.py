@@ -36,6 +36,7 @@ floor, is discarded (rule 5).
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from core.audio import SAMPLE_RATE, EchoGate, VoiceActivityDetector
 from core.config import normalize_word
@@ -57,7 +58,7 @@ from core.engine.machines import (
     StreamsState,
     StreamsTrigger,
 )
-from core.engine.playback import Reply, join_segments
+from core.engine.playback import Reply, ToolRound, join_segments
 from core.engine.rules import TurnRules
 from core.events import (
     Action,
@@ -76,16 +77,19 @@ from core.events import (
     LlmDone,
     LlmFailed,
     LlmText,
+    LlmToolCalls,
     MarkPlayed,
     PlaceMark,
     PlayAudio,
     ProviderFailed,
     ProviderRole,
     RecordMetric,
+    RunTool,
     SaveSummary,
     SendToStt,
     SendTtsText,
     StartLlm,
+    ToolAnswered,
     Transcript,
     TtsAudio,
     TtsDone,
@@ -93,7 +97,8 @@ from core.events import (
     Unit,
     UtteranceEnd,
 )
-from core.records import CallSummary, ChatMessage, ReplyKind, Role, Speaker, TurnRecord
+from core.records import CallSummary, ChatMessage, NextStep, ReplyKind, Role, Speaker, ToolCall, TurnRecord
+from core.tools import END_CALL, TRANSFER_CALL, ToolSpec, error_result
 
 _NO_ACTIONS: list[Action] = []
 A, C = AgentState, CallerState
@@ -103,6 +108,19 @@ _WITHDRAW_UNHEARD = {
     A.THINKING: AgentTrigger.CALLER_INTERRUPTED,
     A.STOPPED: AgentTrigger.CONFIRMED,
 }
+
+
+@dataclasses.dataclass(slots=True)
+class _Closing:
+    """Why and how the call is closing (the call phase's CLOSING): the outcome for the record, what the
+    call does next, the last line still to say (None once said, or when there is no voice to say it),
+    and whether a caller who really interrupts calls it off (they are there, and have more to say)."""
+
+    outcome: str
+    next: NextStep
+    line: str | None
+    cancellable: bool
+    tool_calls: tuple[str, ...] = ()  # the ids of the tool calls that asked for it
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -134,8 +152,11 @@ class Conversation:
         self._stop: _Stop | None = None  # while the agent is STOPPED
         self._caller_sounding = False  # the detector hears the caller now
         self._finalize_sent_ms = 0
-        self._closing_line_said = False
+        self._closing: _Closing | None = None
         self._end_requested = False
+        self._agent_done_ms = 0  # when the agent last finished speaking (rule 11 counts from there)
+        self._reprompts = 0  # idle reprompts since the caller last said something (rule 11)
+        self._elapsed_before_ms = 0  # the call's time in streams before this one (rule 12)
         self._segments: list[tuple[int, str]] = []
         self._activity_ms = 0  # last caller voice, word or key of the open turn
         self._speech_counts = False  # whether the detector's current speech belongs to a turn
@@ -181,6 +202,10 @@ class Conversation:
                 self._on_mark(event, actions)
             case LlmDone():
                 self._on_llm_done(event, actions)
+            case LlmToolCalls():
+                self._on_tool_calls(event, actions)
+            case ToolAnswered():
+                self._on_tool_answered(event, actions)
             case TtsDone():
                 self._on_voice_done(event.reply_id, actions)
             case TtsFailed():
@@ -226,6 +251,9 @@ class Conversation:
                     self.flush.fire(FlushTrigger.GAVE_UP)  # no answer is promised: the words are in as far as we wait
                     actions.append(RecordMetric("FinalizeUnanswered", 1, Unit.COUNT))
                 self._consider_speculation(actions, speech_final=False)
+        self._check_tool_filler(now, actions)
+        self._check_idle(now, actions)
+        self._check_duration(now, actions)
 
     # -- rule 2: speech vs silence, decided locally ---------------------------------------------------
 
@@ -245,7 +273,7 @@ class Conversation:
                 self._activity_ms = max(self._activity_ms, frame.last_voice_ms or now)
                 if self._stop is not None and voiced_ms >= self.rules.barge_in_confirm_ms:
                     self._confirm_barge_in(actions)  # rule 4: long enough to be meant, words or not
-            elif voiced_ms >= self.rules.barge_in_min_speech_ms and self.phase.state is CallPhase.CONVERSING:
+            elif voiced_ms >= self.rules.barge_in_min_speech_ms and self._interruptible():
                 self._barge_in(frame.onset_ms, actions)
         if frame.ended and self._speech_counts:
             self._speech_counts = False
@@ -310,6 +338,7 @@ class Conversation:
             self._drop_speculation(actions)  # it answered less than the caller has now said
         if self.caller.state is C.SILENT:
             self._segments = []
+        self._reprompts = 0  # rule 11: the caller is there
         self._segments.append((start_ms, text))
         self._segments.sort(key=lambda segment: segment[0])
         self._activity_ms = max(self._activity_ms, end_ms)
@@ -367,6 +396,9 @@ class Conversation:
         self._take_floor()
         for ulaw, mark in reply.playback.release():
             self._play(reply, ulaw, mark, actions)
+        if reply.parked_calls:  # asked for while held: the turn is over, so now they may run
+            calls, reply.parked_calls = reply.parked_calls, ()
+            self._act_on_tool_calls(reply, calls, actions)
         self._finish_if_heard_out(reply, actions)
 
     # -- rule 4: barge-in ------------------------------------------------------------------------------
@@ -399,8 +431,10 @@ class Conversation:
         reply, stop = self._reply, self._stop
         assert reply is not None and stop is not None, "confirming with no stopped reply"
         self._stop = None
-        if stop.was_playing:
-            self._commit_reply(reply, stop.heard, interrupted=True)
+        if self.phase.state is CallPhase.CLOSING:
+            self._call_off_closing(reply)
+        if stop.was_playing or reply.rounds:  # a tool call is not undone by a barge-in (section 2b)
+            self._commit_reply(reply, stop.heard if stop.was_playing else "", interrupted=True)
         else:
             # Nothing was heard: the caller is still in the turn the reply was answering.
             self._segments = [*reply.caller_segments, *self._segments]
@@ -464,6 +498,14 @@ class Conversation:
     def _messages(self, caller_text: str) -> tuple[ChatMessage, ...]:
         return (ChatMessage(Role.SYSTEM, self.rules.system_prompt), *_joined(self.history, Role.USER, caller_text))
 
+    def _reply_messages(self, reply: Reply) -> tuple[ChatMessage, ...]:
+        """What the model is sent for `reply`: the history, the caller's turn, and the reply's tool rounds."""
+        return (*self._messages(reply.caller_text), *reply.messages_after(reply.text))
+
+    def _offered_tools(self, reply: Reply) -> tuple[ToolSpec, ...]:
+        """Every tool, until the reply has used its rounds: then the model must answer in words."""
+        return self.rules.tools if len(reply.rounds) < self.rules.max_tool_rounds else ()
+
     def _start_reply(
         self, segments: list[tuple[int, str]], speech_end_ms: int | None, actions: list[Action], *, held: bool = False
     ) -> Reply:
@@ -476,7 +518,7 @@ class Conversation:
             held=held,
         )
         self._reply = reply
-        actions.append(StartLlm(reply.id, self._messages(reply.caller_text)))
+        actions.append(StartLlm(reply.id, self._messages(reply.caller_text), self.rules.tools))
         self.agent.fire(AgentTrigger.SPECULATE if held else AgentTrigger.ANSWER)
         if not held:
             self._take_floor()
@@ -487,7 +529,7 @@ class Conversation:
         state = reply.streams.state
         if state is StreamsState.WRITING:
             actions.append(CancelLlm(reply.id))
-        if state in (StreamsState.WRITING, StreamsState.VOICING):
+        if state in (StreamsState.WRITING, StreamsState.AWAITING_TOOLS, StreamsState.VOICING):
             actions.append(CancelTts(reply.id))
             reply.streams.fire(StreamsTrigger.CANCEL)
 
@@ -561,7 +603,7 @@ class Conversation:
             actions.append(FinishTts(reply.id))
         elif reply.attempts < self.rules.llm_attempts:
             reply.attempts += 1
-            actions.append(StartLlm(reply.id, self._messages(reply.caller_text)))
+            actions.append(StartLlm(reply.id, self._reply_messages(reply), self._offered_tools(reply)))
         else:
             self._apologise(reply, actions)
 
@@ -626,6 +668,7 @@ class Conversation:
             return
         self._commit_reply(reply, reply.text if reply.playback.has_audio else "", interrupted=False)
         self._reply = None
+        self._agent_done_ms = self._now_ms
         self.hearing.listen_again(self._now_ms)
         self.agent.fire(AgentTrigger.REPLY_FINISHED)
         if self.phase.state is CallPhase.CLOSING:
@@ -641,7 +684,14 @@ class Conversation:
         if caller_text:
             self.history = _joined(self.history, Role.USER, caller_text)
             self._turns.append(TurnRecord(Speaker.CALLER, caller_text, reply.speech_end_ms))
-        if heard:
+        if reply.rounds:  # section 2b: each tool call, then its result (pending until it comes)
+            for message in reply.messages_after(heard):
+                self.history = (
+                    _joined(self.history, message.role, message.content)
+                    if message.role is Role.ASSISTANT and not message.tool_calls
+                    else [*self.history, message]
+                )
+        elif heard:
             self.history = _joined(self.history, Role.ASSISTANT, heard)
         first_audio = reply.playback.first_audio_at_ms
         latency = (
@@ -657,6 +707,7 @@ class Conversation:
                 full_text=reply.text,
                 interrupted=interrupted,
                 reply_latency_ms=latency,
+                tools=tuple(use for tool_round in reply.rounds for use in tool_round.uses()),
             )
         )
         if latency is not None:
@@ -666,8 +717,9 @@ class Conversation:
 
     def _on_provider_failed(self, event: ProviderFailed, actions: list[Action]) -> None:
         """Section 6: a provider that failed for good is never silence. A dead speech-to-text ends the call
-        after a goodbye the caller hears whole; a dead voice ends it at once (it can say nothing more); a
-        model that refuses is apologised for reply by reply (`_on_llm_failed`)."""
+        after a goodbye the caller hears whole (or transfers it to the `fallback` destination, when there
+        is one); a dead voice ends or transfers it at once (it can say nothing more); a model that refuses
+        is apologised for reply by reply (`_on_llm_failed`)."""
         failure = f"{event.role.value}: {event.reason}"
         if failure in self._provider_failures:
             return
@@ -675,26 +727,212 @@ class Conversation:
         actions.append(RecordMetric("ProviderFailures", 1, Unit.COUNT))
         if event.role is ProviderRole.CHAT or self.phase.state is not CallPhase.CONVERSING:
             return
+        fallback = self.rules.transfer_destinations.get("fallback")
+        if fallback is not None:
+            next_step = NextStep("transfer", "fallback", fallback, f"The agent's {failure}")
+            line = self.rules.cannot_hear_transfer
+        else:
+            next_step, line = NextStep("hangup"), self.rules.cannot_hear_goodbye
+        voiceless = event.role is ProviderRole.TTS  # there is no voice left to say the line with
+        self._begin_closing(_Closing("provider_failure", next_step, None if voiceless else line, False), actions)
+
+    # -- the call phase: every way a call ends goes through CLOSING (section 2) ----------------------------
+
+    def _interruptible(self) -> bool:
+        """Rule 4 holds while conversing, and during a closing the caller may call off."""
+        closing = self._closing
+        return self.phase.state is CallPhase.CONVERSING or (
+            self.phase.state is CallPhase.CLOSING and closing is not None and closing.cancellable
+        )
+
+    def _begin_closing(self, closing: _Closing, actions: list[Action], *, keep: Reply | None = None) -> None:
+        """CLOSING: the reply the caller is hearing ends at its sentence, one not heard yet is given up
+        (`keep` is the closing's own announcement), then the closing line, then the call's end."""
+        self._closing = closing
         self.phase.fire(PhaseTrigger.CLOSE)
-        if event.role is ProviderRole.TTS:
-            self._closing_line_said = True  # there is no voice left to say it with
         reply, withdraw = self._reply, _WITHDRAW_UNHEARD.get(self.agent.state)
-        if reply is not None and withdraw is not None:  # a reply not (or no longer) playing: never finished
-            if self._stop is not None and self._stop.was_playing:
-                self._commit_reply(reply, self._stop.heard, interrupted=True)
-            self._stop = None
-            self._withdraw(reply, withdraw, actions)
+        if reply is not None and reply is not keep:
+            if withdraw is not None:  # held, not playing yet, or stopped: never finished
+                if self._stop is not None and self._stop.was_playing:
+                    self._commit_reply(reply, self._stop.heard, interrupted=True)
+                elif reply.rounds:
+                    self._commit_reply(reply, "", interrupted=True)
+                self._stop = None
+                self._withdraw(reply, withdraw, actions)
+            else:
+                self._end_at_sentence(reply, actions)
         if self.agent.state is A.IDLE:
             self._close(actions)
 
+    def _end_at_sentence(self, reply: Reply, actions: list[Action]) -> None:
+        """The reply stops being written; what is voiced of it ends at its last whole sentence."""
+        if reply.writing:
+            actions.append(CancelLlm(reply.id))
+        if reply.writing or reply.awaiting_tools:
+            reply.streams.fire(StreamsTrigger.TEXT_DONE)
+            reply.text = _through_last_sentence(reply.text)
+            actions.append(FinishTts(reply.id, drop_unfinished=True))
+
     def _close(self, actions: list[Action]) -> None:
         """CLOSING, the agent silent: say the last line, or, once it was heard, end the call."""
-        if not self._closing_line_said:
-            self._closing_line_said = True
-            self._say(self.rules.cannot_hear_goodbye, ReplyKind.GOODBYE, actions)
+        closing = self._closing
+        assert closing is not None, "closing with no reason to"
+        if closing.line is not None:
+            line, closing.line = closing.line, None
+            self._say(line, ReplyKind.GOODBYE, actions)
         elif not self._end_requested:
             self._end_requested = True
-            actions.append(EndCall("provider_failure"))
+            actions.append(EndCall(closing.outcome, closing.next))
+
+    def _call_off_closing(self, reply: Reply) -> None:
+        """The caller really interrupted the goodbye: they are there, the call goes on (section 2)."""
+        closing = self._closing
+        assert closing is not None, "calling off no closing"
+        self._closing = None
+        self.phase.fire(PhaseTrigger.CALLED_OFF)
+        for call_id in closing.tool_calls:
+            tool_round = reply.round_of(call_id)
+            if tool_round is not None:
+                tool_round.results[call_id] = error_result("not done: the caller interrupted; the call goes on")
+
+    # -- rule 11: an idle caller; rule 12: the longest call --------------------------------------------
+
+    def _check_idle(self, now: int, actions: list[Action]) -> None:
+        """Rule 11: the agent has finished and the caller says nothing: reprompt, then say goodbye."""
+        if (
+            self.phase.state is not CallPhase.CONVERSING
+            or self.agent.state is not A.IDLE
+            or self.caller.state is not C.SILENT
+            or self._caller_sounding
+        ):
+            return
+        if now - max(self._agent_done_ms, self._activity_ms) < self.rules.idle_reprompt_ms:
+            return
+        if self._reprompts < self.rules.idle_max_reprompts:
+            self._reprompts += 1
+            self._say(self.rules.idle_reprompt, ReplyKind.REPROMPT, actions)
+        else:
+            self._begin_closing(_Closing("idle_hangup", NextStep("hangup"), self.rules.goodbye, True), actions)
+
+    def _check_duration(self, now: int, actions: list[Action]) -> None:
+        """Rule 12: at the cap the agent finishes its sentence, says goodbye and ends the call."""
+        if self.phase.state is CallPhase.CONVERSING and self._elapsed_before_ms + now >= self.rules.max_call_ms:
+            actions.append(RecordMetric("CallsAtDurationCap", 1, Unit.COUNT))
+            self._begin_closing(_Closing("max_duration", NextStep("hangup"), self.rules.goodbye, False), actions)
+
+    # -- section 2b: tools ---------------------------------------------------------------------------------
+
+    def _on_tool_calls(self, event: LlmToolCalls, actions: list[Action]) -> None:
+        """The model's stream ended asking for tools. A held reply (rule 7) runs nothing until released:
+        the caller may not have finished, and a tool may act on the world."""
+        reply = self._current(event.reply_id)
+        if reply is None or not reply.writing or not event.calls:
+            return
+        if reply.playback.held and self.agent.state is A.HOLDING:
+            reply.parked_calls = event.calls
+            return
+        self._act_on_tool_calls(reply, event.calls, actions)
+
+    def _act_on_tool_calls(self, reply: Reply, calls: tuple[ToolCall, ...], actions: list[Action]) -> None:
+        tool_round = ToolRound(len(reply.text), calls, self._now_ms)
+        reply.rounds.append(tool_round)
+        http_tools = {tool.name for tool in self.rules.tools if tool.url is not None}
+        closing: _Closing | None = None
+        for call in calls:
+            if call.name in (END_CALL, TRANSFER_CALL) and closing is None:
+                closing, tool_round.results[call.id] = self._closing_for(call)
+            elif call.name not in http_tools:
+                tool_round.results[call.id] = error_result(f"there is no tool named {call.name!r}")
+        actions.append(RecordMetric("ToolCalls", len(calls), Unit.COUNT, reply.id))
+        if closing is not None:
+            for call in calls:
+                tool_round.results.setdefault(call.id, error_result("not run: the call is ending"))
+            reply.streams.fire(StreamsTrigger.TEXT_DONE)
+            if not reply.text.strip() and closing.line is not None:
+                reply.text = closing.line  # the model said nothing before acting: the agent's own words
+                actions.append(SendTtsText(reply.id, closing.line))
+            closing.line = None  # this reply is the last line
+            actions.append(FinishTts(reply.id))
+            self._begin_closing(closing, actions, keep=reply)
+            return
+        waiting = [call for call in calls if call.id not in tool_round.results]
+        if waiting:
+            reply.streams.fire(StreamsTrigger.TOOLS_CALLED)
+            actions.extend(RunTool(call) for call in waiting)
+        else:
+            self._next_round(reply, actions)
+
+    def _next_round(self, reply: Reply, actions: list[Action]) -> None:
+        """Every result of the round is in: the model goes on with them, in the same reply and voice."""
+        if reply.text and not reply.text[-1].isspace():
+            reply.text += " "  # the next round's words are a new sentence, not glued to the last
+            actions.append(SendTtsText(reply.id, " "))
+        actions.append(StartLlm(reply.id, self._reply_messages(reply), self._offered_tools(reply)))
+
+    def _closing_for(self, call: ToolCall) -> tuple[_Closing | None, str]:
+        """A built-in tool's closing (None when its arguments are wrong), and its result for the model."""
+        try:
+            arguments = json.loads(call.arguments or "{}")
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            return None, error_result("the arguments were not a JSON object; call the tool again")
+        if call.name == END_CALL:
+            closing = _Closing("completed_by_agent", NextStep("hangup"), self.rules.goodbye, True, (call.id,))
+            return closing, json.dumps({"ok": True, "note": "the call ends after your goodbye"})
+        destination, summary = arguments.get("destination"), str(arguments.get("summary", ""))
+        number = self.rules.transfer_destinations.get(destination) if isinstance(destination, str) else None
+        if number is None:
+            known = ", ".join(sorted(self.rules.transfer_destinations)) or "none"
+            return None, error_result(f"there is no destination named {destination!r}; the destinations are: {known}")
+        assert isinstance(destination, str)
+        next_step = NextStep("transfer", destination, number, summary)
+        closing = _Closing("transferred", next_step, self.rules.transfer_line, True, (call.id,))
+        return closing, json.dumps({"ok": True, "note": f"transferring to {destination} after your announcement"})
+
+    def _on_tool_answered(self, event: ToolAnswered, actions: list[Action]) -> None:
+        """An HTTP tool answered. Its reply goes on when every call of the round is in; a result that
+        comes after the reply was given up still enters the history (a barge-in does not undo a tool)."""
+        reply = self._reply
+        tool_round = reply.round_of(event.call_id) if reply is not None else None
+        if reply is not None and tool_round is not None:
+            tool_round.results[event.call_id] = event.result
+            if reply.awaiting_tools and tool_round is reply.rounds[-1] and tool_round.answered:
+                reply.streams.fire(StreamsTrigger.RESULTS_IN)
+                self._next_round(reply, actions)
+            return
+        self.history = [
+            dataclasses.replace(message, content=event.result) if message.tool_call_id == event.call_id else message
+            for message in self.history
+        ]
+        self._turns = [
+            dataclasses.replace(
+                turn,
+                tools=tuple(
+                    dataclasses.replace(use, result=event.result) if use.call_id == event.call_id else use
+                    for use in turn.tools
+                ),
+            )
+            if turn.tools
+            else turn
+            for turn in self._turns
+        ]
+
+    def _check_tool_filler(self, now: int, actions: list[Action]) -> None:
+        """Section 2b: a tool slower than `tool_filler_ms`, and nothing playing: "One moment." """
+        reply = self._reply
+        if reply is None or not reply.awaiting_tools or self._stop is not None or reply.playback.held:
+            return
+        tool_round = reply.rounds[-1]
+        if tool_round.filler_said or now - tool_round.asked_at_ms < self.rules.tool_filler_ms:
+            return
+        if self._play_until_ms > now:
+            return  # what it said before asking still plays: the line is not silent
+        tool_round.filler_said = True
+        filler = f" {self.rules.tool_filler}" if reply.text and not reply.text[-1].isspace() else self.rules.tool_filler
+        reply.text += filler
+        actions.append(SendTtsText(reply.id, filler))
+        actions.append(RecordMetric("ToolFillers", 1, Unit.COUNT, reply.id))
 
     # -- rule 10: call end -----------------------------------------------------------------------------
 
@@ -705,7 +943,7 @@ class Conversation:
             self._stop_streams(reply, actions)
             if stop is not None and stop.was_playing:
                 self._commit_reply(reply, stop.heard, interrupted=True)
-            elif reply.playback.first_audio_at_ms is not None:
+            elif reply.playback.first_audio_at_ms is not None or reply.rounds:
                 self._commit_reply(reply, reply.playback.heard_text(reply.text, self._now_ms), interrupted=True)
             elif reply.caller_text and self.agent.state is not A.HOLDING:  # a held reply's words are in _segments
                 self._turns.append(TurnRecord(Speaker.CALLER, reply.caller_text, reply.speech_end_ms))
@@ -728,6 +966,8 @@ class Conversation:
             barge_in_ms=tuple(self._barge_ins),
             provider_failures=tuple(self._provider_failures),
             false_barge_ins=self._false_barge_ins,
+            outcome=self._closing.outcome if self._closing is not None and self._end_requested else None,
+            history=tuple(self.history),
         )
 
 

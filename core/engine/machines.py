@@ -26,6 +26,9 @@ audio, not to the conversation, and the engine only reads its verdicts.)
 * **Call phase** (one per call, DESIGN.md section 2): OPENING -> CONVERSING -> CLOSING -> ENDED. An
   inbound call is CONVERSING from `start`; CLOSING is where the last words play out to their last mark
   (nothing the caller says starts a reply any more), after which the engine asks for the call's end.
+  Hang-up, transfer, idle, the duration cap and a dead provider all close this way. A closing the
+  model chose (`end_call`, `transfer_call`, or the idle goodbye) is CALLED_OFF back to CONVERSING when
+  the caller really interrupts it: they are still there and have something to say.
 * **STT flush** (one per call): IDLE -> PENDING (`Finalize` sent, Deepgram's `from_finalize` answer not
   yet in) -> FLUSHED when it answers, or when `finalize_wait_ms` pass without an answer (GAVE_UP:
   Deepgram does not promise one when little audio is pending); any new caller activity RESETs it.
@@ -38,7 +41,9 @@ audio, not to the conversation, and the engine only reads its verdicts.)
   were said.
 * **Reply streams** (one per reply): WRITING (the model streams text to the voice) -> VOICING (all text
   sent, the voice's last audio on its way) -> VOICED; or CANCELLED. A greeting starts VOICING: it has
-  no model.
+  no model. A model that asks for tools sends WRITING -> AWAITING_TOOLS (its voice stays open, what it
+  said so far plays on) -> WRITING again when every result is in and its next round starts
+  (DESIGN.md section 2b): one reply, one voice context, however many tool rounds.
 """
 
 from __future__ import annotations
@@ -108,6 +113,7 @@ class CallPhase(enum.Enum):
 class PhaseTrigger(enum.Enum):
     ANSWERED = "answered"
     CLOSE = "close"
+    CALLED_OFF = "called_off"
     CALL_ENDED = "call_ended"
 
 
@@ -146,12 +152,15 @@ class HearingTrigger(enum.Enum):
 
 class StreamsState(enum.Enum):
     WRITING = "WRITING"
+    AWAITING_TOOLS = "AWAITING_TOOLS"
     VOICING = "VOICING"
     VOICED = "VOICED"
     CANCELLED = "CANCELLED"
 
 
 class StreamsTrigger(enum.Enum):
+    TOOLS_CALLED = "tools_called"
+    RESULTS_IN = "results_in"
     TEXT_DONE = "text_done"
     VOICE_DONE = "voice_done"
     CANCEL = "cancel"
@@ -213,7 +222,7 @@ AGENT_TRANSITIONS: dict[AgentState, dict[AgentTrigger, AgentState]] = {
 PHASE_TRANSITIONS: dict[CallPhase, dict[PhaseTrigger, CallPhase]] = {
     P.OPENING: {PT.ANSWERED: P.CONVERSING, PT.CALL_ENDED: P.ENDED},
     P.CONVERSING: {PT.CLOSE: P.CLOSING, PT.CALL_ENDED: P.ENDED},
-    P.CLOSING: {PT.CALL_ENDED: P.ENDED},
+    P.CLOSING: {PT.CALLED_OFF: P.CONVERSING, PT.CALL_ENDED: P.ENDED},
     P.ENDED: {},
 }
 
@@ -230,7 +239,18 @@ HEARING_TRANSITIONS: dict[HearingState, dict[HearingTrigger, HearingState]] = {
 
 STREAMS_TRANSITIONS: dict[StreamsState, dict[StreamsTrigger, StreamsState]] = {
     # The voice can end while the model still writes: ElevenLabs failed for good (TtsFailed).
-    R.WRITING: {RT.TEXT_DONE: R.VOICING, RT.VOICE_DONE: R.VOICED, RT.CANCEL: R.CANCELLED},
+    R.WRITING: {
+        RT.TOOLS_CALLED: R.AWAITING_TOOLS,
+        RT.TEXT_DONE: R.VOICING,
+        RT.VOICE_DONE: R.VOICED,
+        RT.CANCEL: R.CANCELLED,
+    },
+    R.AWAITING_TOOLS: {
+        RT.RESULTS_IN: R.WRITING,
+        RT.TEXT_DONE: R.VOICING,
+        RT.VOICE_DONE: R.VOICED,
+        RT.CANCEL: R.CANCELLED,
+    },
     R.VOICING: {RT.VOICE_DONE: R.VOICED, RT.CANCEL: R.CANCELLED},
     R.VOICED: {},
     R.CANCELLED: {},

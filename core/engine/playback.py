@@ -27,7 +27,7 @@ import itertools
 from core.audio import SAMPLE_RATE
 from core.engine.machines import STREAMS_TRANSITIONS, Machine, StreamsState, StreamsTrigger
 from core.events import AlignedChar
-from core.records import ReplyKind
+from core.records import ChatMessage, ReplyKind, Role, ToolCall, ToolUse
 
 _SENTENCE_ENDS = frozenset(".!?")
 
@@ -191,6 +191,36 @@ class Playback:
         return pieces
 
 
+# A tool result not in yet when the history is written (DESIGN.md section 2b: every tool call is followed
+# by its result, as OpenAI requires); the real one replaces it when it arrives.
+PENDING_RESULT = '{"status": "pending", "note": "no answer yet; it will be added when it comes"}'
+
+
+@dataclasses.dataclass
+class ToolRound:
+    """One round of tool calls inside a reply: where in its text the model asked, what, and the answers."""
+
+    text_at: int  # len(reply.text) when the model asked
+    calls: tuple[ToolCall, ...]
+    asked_at_ms: int
+    results: dict[str, str] = dataclasses.field(default_factory=dict)  # call id -> result
+    filler_said: bool = False
+
+    @property
+    def answered(self) -> bool:
+        return all(call.id in self.results for call in self.calls)
+
+    def messages(self, said: str) -> list[ChatMessage]:
+        """The assistant's tool calls (with what it said before them) and a result for each."""
+        return [
+            ChatMessage(Role.ASSISTANT, said, tool_calls=self.calls),
+            *(ChatMessage(Role.TOOL, self.results.get(c.id, PENDING_RESULT), tool_call_id=c.id) for c in self.calls),
+        ]
+
+    def uses(self) -> tuple[ToolUse, ...]:
+        return tuple(ToolUse(c.name, c.arguments, self.results.get(c.id, PENDING_RESULT), c.id) for c in self.calls)
+
+
 @dataclasses.dataclass
 class Reply:
     """What the agent is saying now, and the caller's words it answers."""
@@ -205,6 +235,22 @@ class Reply:
     text: str = ""
     attempts: int = 1
     first_text_at_ms: int | None = None
+    rounds: list[ToolRound] = dataclasses.field(default_factory=list)
+    parked_calls: tuple[ToolCall, ...] = ()  # asked for while held (rule 7): nothing runs before release
+
+    def messages_after(self, text: str) -> list[ChatMessage]:
+        """The reply as messages, its `text` (all of it, or what was heard) cut where each tool round
+        was asked for: the rounds' calls and results, then what was said after the last one."""
+        messages: list[ChatMessage] = []
+        said_from = 0
+        for tool_round in self.rounds:
+            cut = min(len(text), tool_round.text_at)
+            messages.extend(tool_round.messages(text[said_from:cut].strip()))
+            said_from = max(said_from, cut)
+        rest = text[said_from:].strip()
+        if rest:
+            messages.append(ChatMessage(Role.ASSISTANT, rest))
+        return messages
 
     @classmethod
     def create(
@@ -237,6 +283,13 @@ class Reply:
     @property
     def writing(self) -> bool:
         return self.streams.state is StreamsState.WRITING
+
+    @property
+    def awaiting_tools(self) -> bool:
+        return self.streams.state is StreamsState.AWAITING_TOOLS
+
+    def round_of(self, call_id: str) -> ToolRound | None:
+        return next((r for r in self.rounds if any(c.id == call_id for c in r.calls)), None)
 
     @property
     def heard_out(self) -> bool:

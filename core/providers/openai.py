@@ -9,6 +9,11 @@ only way to stop a Chat Completions stream.
 `OpenAiChat` is shared by every call of a process (one HTTP connection pool); `OpenAiReplies` is one
 call's `ChatModel` role on top of it: a task per reply, whose text, end or failure become engine
 events. A key or model the API refuses (HTTP 401, 403, 404) is also the role's `ProviderFailed`.
+
+Tools (DESIGN.md section 2b) come in the same stream as the text: each tool call arrives in pieces,
+by `index` (the first piece has its id and name, the rest add to its `arguments`), and the stream ends
+with `finish_reason` "tool_calls". The pieces are joined here and the engine hears one `LlmToolCalls`
+in place of `LlmDone`.
 """
 
 from __future__ import annotations
@@ -23,20 +28,46 @@ import openai
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
-from core.events import LlmDone, LlmFailed, LlmText, ProviderFailed, ProviderRole
+from core.events import LlmDone, LlmFailed, LlmText, LlmToolCalls, ProviderFailed, ProviderRole
 from core.logs import logger
 from core.providers.roles import Clock, EventSink
-from core.records import ChatMessage, Role
+from core.records import ChatMessage, Role, ToolCall
+from core.tools import ToolSpec
 
 _PERMANENT = (401, 403, 404)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Delta:
-    """A piece of the reply, or (with no text) why it ended: "stop", "length", "content_filter", ..."""
+    """A piece of the reply, or (with no text) why it ended: "stop", "length", "content_filter",
+    "tool_calls" (with the calls, whole)."""
 
     text: str
     finish_reason: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+class _ToolCallPieces:
+    """Tool calls as they stream: by index, an id and a name first, then their arguments in pieces."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, list[str]] = {}  # index -> [id, name, arguments]
+
+    def add(self, pieces: Sequence[Any]) -> None:
+        for piece in pieces:
+            call = self._calls.setdefault(piece.index, ["", "", ""])
+            if piece.id:
+                call[0] = piece.id
+            if piece.function is not None:
+                call[1] += piece.function.name or ""
+                call[2] += piece.function.arguments or ""
+
+    def whole(self) -> tuple[ToolCall, ...]:
+        return tuple(
+            ToolCall(call_id or f"call_{index}", name, arguments)
+            for index, (call_id, name, arguments) in sorted(self._calls.items())
+            if name
+        )
 
 
 class LlmError(Exception):
@@ -91,8 +122,11 @@ class OpenAiChat:
             if delta.text:
                 yield delta.text
 
-    async def deltas(self, messages: Sequence[ChatMessage]) -> AsyncIterator[Delta]:
-        """The reply as it is written, ending with why it ended (`finish_reason`); raises `LlmError`."""
+    async def deltas(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> AsyncIterator[Delta]:
+        """The reply as it is written, ending with why it ended (`finish_reason`, and the tool calls when
+        it asks for tools); raises `LlmError`."""
+        calls = _ToolCallPieces()
+        offered: dict[str, Any] = {"tools": [tool.wire() for tool in tools]} if tools else {}
         try:
             async with asyncio.timeout(self._first_text_timeout_s) as deadline:
                 stream = await self._client.chat.completions.create(
@@ -102,6 +136,7 @@ class OpenAiChat:
                     stream_options={"include_usage": True},
                     # `max_tokens` is deprecated, and refused by reasoning models (o-series).
                     max_completion_tokens=self._max_tokens,
+                    **offered,
                 )
                 async with stream:
                     async for chunk in stream:
@@ -112,8 +147,11 @@ class OpenAiChat:
                         if text:
                             deadline.reschedule(None)  # the first text came in time
                             yield Delta(text)
+                        if choice.delta.tool_calls:
+                            deadline.reschedule(None)  # a tool call is an answer too
+                            calls.add(choice.delta.tool_calls)
                         if choice.finish_reason:
-                            yield Delta("", choice.finish_reason)
+                            yield Delta("", choice.finish_reason, calls.whole())
         except TimeoutError:
             raise LlmError(f"no text from {self.model} within {self._first_text_timeout_s:.0f} s") from None
         except openai.APIStatusError as error:
@@ -149,10 +187,10 @@ class OpenAiReplies:
         self._closed = asyncio.Event()
         self.failure: str | None = None
 
-    def start(self, reply_id: str, messages: Sequence[ChatMessage]) -> None:
-        self.cancel(reply_id)  # a retry replaces the failed attempt
+    def start(self, reply_id: str, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> None:
+        self.cancel(reply_id)  # a retry (or the round after a tool's answer) replaces the last stream
         self._tasks[reply_id] = asyncio.get_running_loop().create_task(
-            self._answer(reply_id, tuple(messages)), name=f"llm-{reply_id}"
+            self._answer(reply_id, tuple(messages), tuple(tools)), name=f"llm-{reply_id}"
         )
 
     def cancel(self, reply_id: str) -> None:
@@ -173,14 +211,15 @@ class OpenAiReplies:
                 await task
         self._closed.set()
 
-    async def _answer(self, reply_id: str, messages: tuple[ChatMessage, ...]) -> None:
+    async def _answer(self, reply_id: str, messages: tuple[ChatMessage, ...], tools: tuple[ToolSpec, ...]) -> None:
         finish_reason = "stop"
+        tool_calls: tuple[ToolCall, ...] = ()
         try:
-            async for delta in self._chat.deltas(messages):
+            async for delta in self._chat.deltas(messages, tools):
                 if delta.text:
                     self._on_event(LlmText(self._now_ms(), reply_id, delta.text))
                 if delta.finish_reason:
-                    finish_reason = delta.finish_reason
+                    finish_reason, tool_calls = delta.finish_reason, delta.tool_calls
         except LlmError as error:
             logger.warning("the model failed", extra={"reply_id": reply_id, "error": str(error)})
             self._tasks.pop(reply_id, None)
@@ -195,6 +234,12 @@ class OpenAiReplies:
             self._on_event(LlmFailed(self._now_ms(), reply_id, "unexpected error"))
             return
         self._tasks.pop(reply_id, None)
+        if tool_calls:
+            logger.info(
+                "the model asked for tools", extra={"reply_id": reply_id, "tools": [c.name for c in tool_calls]}
+            )
+            self._on_event(LlmToolCalls(self._now_ms(), reply_id, tool_calls))
+            return
         if finish_reason != "stop":
             logger.warning(
                 "the model's answer ended early", extra={"reply_id": reply_id, "finish_reason": finish_reason}

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from core.events import Event
 from core.records import ChatMessage
+from core.tools import ToolSpec
 
 EventSink = Callable[[Event], None]
 Clock = Callable[[], int]
@@ -39,10 +40,10 @@ class SpeechToText(CallProvider, Protocol):
 
 
 class ChatModel(CallProvider, Protocol):
-    """Emits `LlmText`, `LlmDone`, `LlmFailed` per reply, and `ProviderFailed(CHAT)`."""
+    """Emits `LlmText`, then `LlmDone` or `LlmToolCalls`, or `LlmFailed`, per reply; and `ProviderFailed(CHAT)`."""
 
-    def start(self, reply_id: str, messages: Sequence[ChatMessage]) -> None:
-        """Start (or restart, for a retry) the reply's stream."""
+    def start(self, reply_id: str, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> None:
+        """Start (or restart: a retry, the round after a tool's answer) the reply's stream, offering `tools`."""
 
     def cancel(self, reply_id: str) -> None: ...
 

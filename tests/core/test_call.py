@@ -20,6 +20,7 @@ from core.engine import TurnRules
 from core.events import (
     Action,
     CallerAudio,
+    CallStarted,
     DtmfPressed,
     Event,
     ProviderFailed,
@@ -29,8 +30,9 @@ from core.events import (
     Unit,
 )
 from core.providers.roles import CallContext, CallProviders
-from core.records import CallSummary, ChatMessage, Speaker
+from core.records import CallSummary, ChatMessage, NextStep, Speaker
 from core.registry import CallRegistry, UnknownCall
+from core.tools import ToolSpec
 
 CALL_SID = "CA" + "1" * 32
 STREAM_SID = "MZ" + "1" * 32
@@ -150,7 +152,7 @@ class RefusedStt(FakeStt):
 
 
 class FakeChat(FakeProvider):
-    def start(self, reply_id: str, messages: Sequence[ChatMessage]) -> None:
+    def start(self, reply_id: str, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] = ()) -> None:
         self.calls.append(("start", reply_id))
 
     def cancel(self, reply_id: str) -> None:
@@ -193,6 +195,11 @@ class FakeFactory:
 class FakeBooks:
     def __init__(self) -> None:
         self.saved: list[tuple[str, CallSummary, Mapping[str, str] | None]] = []
+        self.next_steps: list[tuple[str, NextStep, str]] = []
+
+    def set_next(self, call_sid: str, next_step: NextStep, stream_sid: str) -> bool:
+        self.next_steps.append((call_sid, next_step, stream_sid))
+        return True
 
     def complete_call(self, call_sid: str, summary: CallSummary, parameters: Mapping[str, str] | None = None) -> None:
         self.saved.append((call_sid, summary, parameters))
@@ -295,6 +302,20 @@ async def test_the_drain_deadline_ends_the_call_cleanly() -> None:
     assert summary.end_reason == "shutdown"
     assert summary.turns[0].interrupted is True  # its mark never came back: not heard whole
     assert ("cancel", "r1") not in call.providers.tts.calls  # type: ignore[attr-defined]
+
+
+async def test_the_agent_ending_the_call_records_the_next_step_then_closes_the_stream() -> None:
+    call = harness(greeting="")
+    watch = Watch()
+    call.runner.observe(watch)
+    call.twilio.start()
+    running = asyncio.create_task(call.runner.run())
+    await watch.until_seen(CallStarted)
+    call.runner.inject(ProviderFailed(0, ProviderRole.TTS, "ElevenLabs closed 2 sockets in a row"))  # no voice left
+    await asyncio.wait_for(running, DEADLINE_S)  # the runner ends the call itself; Twilio sent no stop
+    assert call.books.next_steps == [(CALL_SID, NextStep("hangup"), STREAM_SID)]
+    summary = call.books.saved[0][1]
+    assert summary.end_reason == "agent" and summary.outcome == "provider_failure"
 
 
 # -- the registry ------------------------------------------------------------------------------------

@@ -44,12 +44,14 @@ from core.events import (
     LlmDone,
     LlmFailed,
     LlmText,
+    LlmToolCalls,
     MarkPlayed,
     PlaceMark,
     PlayAudio,
     ProviderFailed,
     ProviderRole,
     RecordMetric,
+    RunTool,
     SaveSummary,
     SendToStt,
     SendTtsText,
@@ -61,7 +63,7 @@ from core.events import (
     Unit,
     Word,
 )
-from core.records import ChatMessage, Role, Speaker
+from core.records import ChatMessage, NextStep, Role, Speaker, ToolCall
 
 _rng = np.random.default_rng(3)
 SPEECH = [samples_to_ulaw(np.round(_rng.normal(0, 3000, 160)).astype(np.int16)) for _ in range(25)]
@@ -82,6 +84,7 @@ class Call:
         finalize_answers: bool = True,
         loud_voice: bool = False,
         finish_reason: str = "stop",
+        model: list[tuple[str, tuple[ToolCall, ...]]] | None = None,
         **rules: Any,
     ) -> None:
         self.engine = Conversation(TurnRules.defaults(**{"greeting": "", **rules}))
@@ -93,6 +96,9 @@ class Call:
         self.finalize_answers = finalize_answers
         self.loud_voice = loud_voice
         self.finish_reason = finish_reason
+        # The model's rounds, one per StartLlm: its text, and the tools it then asks for (none: it is done).
+        self.model = deque(model or [])
+        self.tool_runs: list[ToolCall] = []
         self.timeline: list[tuple[float, bytes]] = []  # what the caller heard: (play start, audio)
         self.now = 0
         self.steps: list[tuple[int, list[Action]]] = []
@@ -170,9 +176,18 @@ class Call:
                     self.llm_failures -= 1
                     self._queue.append(LlmFailed(self.now, reply_id, "HTTP 500"))
                     return
+                if self.model:
+                    text, calls = self.model.popleft()
+                    if text:
+                        self._queue.append(LlmText(self.now, reply_id, text))
+                    done: Event = LlmToolCalls(self.now, reply_id, calls) if calls else LlmDone(self.now, reply_id)
+                    self._queue.append(done)
+                    return
                 self._queue.extend(LlmText(self.now, reply_id, piece) for piece in self.answer)
                 if self.llm_finishes:
                     self._queue.append(LlmDone(self.now, reply_id, self.finish_reason))
+            case RunTool(call=call):
+                self.tool_runs.append(call)
             case CancelLlm(reply_id=reply_id):
                 self.cancelled_llm.add(reply_id)
             case CancelTts(reply_id=reply_id):
@@ -694,7 +709,7 @@ def test_a_dead_speech_to_text_ends_the_call_after_a_goodbye_heard_whole() -> No
     call.silence(8000)  # the answer plays out, then the goodbye, to its last mark
     goodbye = TurnRules.defaults().cannot_hear_goodbye
     assert call.actions(SendTtsText)[-1].text == goodbye
-    assert call.actions(EndCall) == [EndCall("provider_failure")]
+    assert call.actions(EndCall) == [EndCall("provider_failure", NextStep("hangup"))]
     ended_at = call.step_with(EndCall)[0]
     assert ended_at >= call.timeline[-1][0] + len(call.timeline[-1][1]) / 8  # after the goodbye played out
     assert [t.text for t in call.engine.summary().turns if t.speaker is Speaker.AGENT] == [ANSWER, goodbye]
@@ -736,7 +751,7 @@ def test_a_dead_voice_ends_the_call_at_once() -> None:
     caller_turn(call, "hello")
     call.silence(2100)
     step = call.feed(ProviderFailed(call.now, ProviderRole.TTS, "ElevenLabs closed 3 sockets in a row: 1008"))
-    assert EndCall("provider_failure") in step and CancelLlm("r1") in step
+    assert EndCall("provider_failure", NextStep("hangup")) in step and CancelLlm("r1") in step
 
 
 def test_a_model_that_refuses_the_key_is_on_the_record_and_the_call_goes_on() -> None:

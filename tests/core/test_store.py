@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.records import CallSummary, ReplyKind, Speaker, TurnRecord
+from core.records import CallSummary, NextStep, ReplyKind, Speaker, ToolUse, TurnRecord
 from core.store import CallStore, create_table
 
 NOW = 1_795_478_400.0
@@ -138,6 +138,36 @@ def test_the_media_service_completes_without_overwriting(store: CallStore) -> No
     }
     assert item["turns"][1] == {"role": "caller", "text": "hi", "at_ms": 2100}
     assert item["provider_failures"] == list(summary.provider_failures)
+
+
+def test_the_next_step_is_written_once_until_it_is_acted_on(store: CallStore) -> None:
+    call_sid = VOICE["CallSid"]
+    store.record_call(VOICE)
+    transfer = NextStep("transfer", "support", "+15551230000", "wants a refund")
+    assert store.set_next(call_sid, transfer, "MZ1") is True
+    assert store.set_next(call_sid, NextStep("hangup"), "MZ2") is False  # a late stream cannot replace it
+    item = store.get_call(call_sid)
+    assert item is not None and item["next"] == {
+        "action": "transfer",
+        "destination": "support",
+        "number": "+15551230000",
+        "summary": "wants a refund",
+        "stream_sid": "MZ1",
+    }
+
+
+def test_tool_uses_and_the_outcome_are_on_the_record(store: CallStore) -> None:
+    call_sid = VOICE["CallSid"]
+    use = ToolUse("check_availability", '{"people": 4}', '{"available": true}', "call_1")
+    turns = (TurnRecord(Speaker.AGENT, "It is free.", 100, reply_id="r1", kind=ReplyKind.ANSWER, tools=(use,)),)
+    store.complete_call(
+        call_sid, CallSummary(turns=turns, end_reason="agent", duration_ms=1000, outcome="completed_by_agent")
+    )
+    item = store.get_call(call_sid)
+    assert item is not None and item["outcome"] == "completed_by_agent"
+    assert item["turns"][0]["tools"] == [
+        {"name": "check_availability", "arguments": '{"people": 4}', "result": '{"available": true}'}
+    ]
 
 
 def test_the_media_service_creates_a_missing_item(store: CallStore) -> None:

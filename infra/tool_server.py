@@ -1,0 +1,89 @@
+"""A team's HTTP tools, as the demo and the tests need them: `POST /availability` answers whether a
+table is free; `/slow` answers the same after `slow_s` (long enough for the agent's filler);
+`/garbage` answers something that is not JSON; `/refuse` answers HTTP 500. Every request is kept, so
+a test can see what Parley sent (`{"call_sid", "arguments"}`). A bare ASGI app, like the emulators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from core.server import RunningServer, start_in_loop
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+
+AVAILABILITY_TOOL = {
+    "name": "check_availability",
+    "description": "Whether a table is free for a number of people on a day and at a time.",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "people": {"type": "integer", "minimum": 1},
+            "day": {"type": "string"},
+            "time": {"type": "string"},
+        },
+        "required": ["people"],
+    },
+}
+
+
+class ToolServer:
+    def __init__(self, slow_s: float = 1.5) -> None:
+        self.slow_s = slow_s
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self._running: RunningServer | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self._running = await start_in_loop(self, host, port)
+        return self._running.url
+
+    async def stop(self) -> None:
+        if self._running is not None:
+            await self._running.stop()
+
+    def tools_file(self, base_url: str, path: str = "/availability", timeout: float = 5) -> list[dict[str, Any]]:
+        """A TOOLS_FILE's contents declaring the availability tool at `path`."""
+        return [{**AVAILABILITY_TOOL, "url": f"{base_url}{path}", "timeout": timeout}]
+
+    async def __call__(
+        self, scope: Scope, receive: Callable[[], Awaitable[Message]], send: Callable[[Message], Awaitable[None]]
+    ) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            request = json.loads(body or b"{}")
+        except ValueError:
+            request = {}
+        self.requests.append((scope["path"], request))
+        path = scope["path"]
+        if path == "/refuse":
+            await _answer(send, 500, b'{"error": "internal"}')
+        elif path == "/garbage":
+            await _answer(send, 200, b"<html>not json</html>", "text/html")
+        elif path in ("/availability", "/slow"):
+            if path == "/slow":
+                await asyncio.sleep(self.slow_s)  # the tool's own work, which is what is being emulated
+            people = request.get("arguments", {}).get("people", 2)
+            await _answer(send, 200, json.dumps({"available": people <= 6, "time": "19:00"}).encode())
+        else:
+            await _answer(send, 404, b'{"error": "not found"}')
+
+
+async def _answer(
+    send: Callable[[Message], Awaitable[None]], status: int, body: bytes, kind: str = "application/json"
+) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", kind.encode())]})
+    await send({"type": "http.response.body", "body": body})
