@@ -215,6 +215,19 @@ class WebhookSettings(_TwilioAndBooks):
         "",
     )
 
+    transfer_ring_seconds: int = setting(
+        "TRANSFER_RING_SECONDS",
+        non_negative_int,
+        "how long a transfer rings before it counts as no-answer, e.g. 20",
+        "20",
+    )
+    stream_resumes: int = setting(
+        "STREAM_RESUMES", non_negative_int, "how many times a call whose stream was lost is reconnected, e.g. 2", "2"
+    )
+    stream_token_ttl_seconds: int = setting(
+        "STREAM_TOKEN_TTL_SECONDS", non_negative_int, "how long a stream token is valid in seconds, e.g. 600", "600"
+    )
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
         return _load(cls, env)

@@ -102,12 +102,11 @@ class CallStore:
             "TableName": self._table,
             "Key": {"CallSid": {"S": call_sid}},
             "UpdateExpression": expression,
-            "ExpressionAttributeValues": {
-                k: _serializer.serialize(_dynamo(v))
-                for k, v in {**base_values, **values}.items()
-                if k in used  # DynamoDB rejects values the expressions do not use
-            },
         }
+        # DynamoDB rejects values the expressions do not use, and an empty map of them.
+        used_values = {k: _serializer.serialize(_dynamo(v)) for k, v in {**base_values, **values}.items() if k in used}
+        if used_values:
+            request["ExpressionAttributeValues"] = used_values
         if names:
             request["ExpressionAttributeNames"] = dict(names)
         if condition:
@@ -197,6 +196,37 @@ class CallStore:
             names={"#next": "next"},
             condition="attribute_not_exists(#next)",
         )
+
+    def clear_next(self, call_sid: str) -> bool:
+        """The webhook acted on `next`: it is gone, so a later stream can set its own."""
+        return self._update(call_sid, "REMOVE #next", {}, names={"#next": "next"}, condition="attribute_exists(#next)")
+
+    def count_stream_resume(self, call_sid: str, limit: int) -> bool:
+        """One more reconnection of a lost stream, if fewer than `limit` were made; False otherwise."""
+        return self._update(
+            call_sid,
+            "ADD stream_resumes :one",
+            {":one": 1, ":limit": limit},
+            condition="attribute_not_exists(stream_resumes) OR stream_resumes < :limit",
+        )
+
+    def record_transfer(self, call_sid: str, fields: Mapping[str, Any], *, new: bool = False) -> None:
+        """The transfer being dialled (`new`: destination, number, summary), or what became of it (merged in)."""
+        whole = {"#transfer": "transfer"}
+        if new:
+            self._update(call_sid, f"SET {self._CREATED}, #transfer = :transfer", {":transfer": dict(fields)}, whole)
+            return
+        sets, values, names = [], {}, {}
+        for index, (name, value) in enumerate(fields.items()):
+            names[f"#f{index}"] = name
+            values[f":f{index}"] = value
+            sets.append(f"#transfer.#f{index} = :f{index}")
+        names["#transfer"] = "transfer"
+        if not self._update(call_sid, "SET " + ", ".join(sets), values, names, "attribute_exists(#transfer)"):
+            self._update(call_sid, f"SET {self._CREATED}, #transfer = :transfer", {":transfer": dict(fields)}, whole)
+
+    def set_outcome(self, call_sid: str, outcome: str) -> None:
+        self._update(call_sid, f"SET {self._CREATED}, outcome = :outcome", {":outcome": outcome})
 
     def complete_call(self, call_sid: str, summary: CallSummary, parameters: Mapping[str, str] | None = None) -> None:
         """The media service's record at call end; creates the item if the webhook's is missing."""

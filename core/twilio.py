@@ -312,14 +312,46 @@ def public_url(
     return f"{scheme}://{host.split(',')[0].strip()}{suffix}"
 
 
+# -- stream tokens (DESIGN.md section 2b) --------------------------------------------------------------
+
+
+def stream_token(auth_token: str, call_sid: str, expiry: int) -> str:
+    """`<expiry>.<mac>`: the mac is the lowercase hex HMAC-SHA256 of `<CallSid>.<expiry>`, keyed with
+    the Auth Token. The webhook puts it in every stream it opens; only Twilio, which fetched that
+    signed TwiML, can present it, whether or not it signs the WebSocket upgrade."""
+    mac = hmac.new(auth_token.encode(), f"{call_sid}.{expiry}".encode(), hashlib.sha256).hexdigest()
+    return f"{expiry}.{mac}"
+
+
+def stream_token_problem(auth_token: str, call_sid: str, token: str | None, now: float) -> str | None:
+    """Why `token` does not admit a stream for `call_sid` at `now`, or None when it does."""
+    if not token:
+        return "the stream's start carries no token parameter"
+    expiry_text, _, mac = token.partition(".")
+    if not expiry_text.isdigit() or not mac:
+        return "the stream's token is not <expiry>.<mac>"
+    expected = stream_token(auth_token, call_sid, int(expiry_text))
+    if not hmac.compare_digest(expected.encode(), token.encode()):
+        return "the stream's token was not made for this CallSid with this account's Auth Token"
+    if int(expiry_text) <= now:
+        return "the stream's token has expired"
+    return None
+
+
 # -- TwiML ------------------------------------------------------------------------------------------
 
 
-def connect_stream_twiml(stream_url: str, status_callback: str | None, parameters: Mapping[str, str]) -> str:
-    """`<Connect><Stream>` (bidirectional) with `<Parameter>`s, then `<Hangup/>`.
+def _document(body: str) -> str:
+    return f'<?xml version="1.0" encoding="UTF-8"?><Response>{body}</Response>'
 
-    TwiML after `<Connect>` runs only when our server closes the socket; hanging up there makes the
-    end of our stream the end of the call, rather than leaving the caller in silence.
+
+def connect_stream_twiml(
+    stream_url: str, status_callback: str | None, parameters: Mapping[str, str], after_stream_url: str
+) -> str:
+    """`<Connect><Stream>` (bidirectional) with `<Parameter>`s, then `<Redirect>` to `/after-stream`.
+
+    TwiML after `</Connect>` runs only when our server closes the stream (or the stream dies); the
+    webhook then decides what the call does next from the call's item (DESIGN.md section 2b).
     """
     attributes = f'url="{escape(stream_url)}"'
     if status_callback:
@@ -327,7 +359,32 @@ def connect_stream_twiml(stream_url: str, status_callback: str | None, parameter
     inner = "".join(
         f'<Parameter name="{escape(name)}" value="{escape(value)}" />' for name, value in parameters.items() if value
     )
-    return (
-        '<?xml version="1.0" encoding="UTF-8"?>'
-        f"<Response><Connect><Stream {attributes}>{inner}</Stream></Connect><Hangup /></Response>"
+    return _document(
+        f"<Connect><Stream {attributes}>{inner}</Stream></Connect>"
+        f'<Redirect method="POST">{escape(after_stream_url)}</Redirect>'
     )
+
+
+def hangup_twiml(say: str | None = None) -> str:
+    """`<Hangup/>`, after a `<Say>` when there is something to tell the caller first."""
+    return _document((f"<Say>{escape(say)}</Say>" if say else "") + "<Hangup />")
+
+
+def say_twiml(text: str) -> str:
+    """A `<Say>` and nothing else: on a `<Number url>` (a whisper), the legs are bridged after it."""
+    return _document(f"<Say>{escape(text)}</Say>")
+
+
+def dial_twiml(
+    number: str, *, action: str, timeout_s: int, caller_id: str | None, whisper_url: str, status_callback: str
+) -> str:
+    """`<Dial>` one number (or `sip:` URI) with a whisper and the child leg's statuses on our callback."""
+    dial = f'action="{escape(action)}" method="POST" timeout="{timeout_s}"'
+    if caller_id:
+        dial += f' callerId="{escape(caller_id)}"'
+    noun = "Sip" if number.startswith("sip:") else "Number"
+    leg = (
+        f'url="{escape(whisper_url)}" method="POST" statusCallback="{escape(status_callback)}" '
+        'statusCallbackMethod="POST" statusCallbackEvent="initiated ringing answered completed"'
+    )
+    return _document(f"<Dial {dial}><{noun} {leg}>{escape(number)}</{noun}></Dial>")

@@ -10,8 +10,10 @@ on `/voice` the TwiML is still returned, the failure logged and counted.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Mapping, Sequence
-from urllib.parse import parse_qs
+from typing import Any
+from urllib.parse import parse_qs, quote
 
 from botocore.exceptions import BotoCoreError
 
@@ -19,9 +21,22 @@ from core import metrics
 from core.config import WebhookSettings
 from core.logs import bind_call, logger
 from core.store import CallStore, StoreError
-from core.twilio import connect_stream_twiml, public_url, signature_algorithm, signing_secret, validate_signature
+from core.twilio import (
+    connect_stream_twiml,
+    dial_twiml,
+    hangup_twiml,
+    public_url,
+    say_twiml,
+    signature_algorithm,
+    signing_secret,
+    stream_token,
+    validate_signature,
+)
 
 FORM = "application/x-www-form-urlencoded"
+# What a caller hears when the call cannot go on (its stream lost too often, its record missing).
+SORRY_GOODBYE = "Sorry, we are having technical difficulties. Please call again later. Goodbye."
+FAILED_DIAL = frozenset({"busy", "no-answer", "failed", "canceled"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +57,10 @@ class WebhookReply:
 
 
 class WebhookService:
-    def __init__(self, settings: WebhookSettings, store: CallStore) -> None:
+    def __init__(self, settings: WebhookSettings, store: CallStore, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store
+        self._clock = clock
 
     def _url(self, request: IncomingRequest, path: str | None = None) -> str:
         return public_url(
@@ -107,7 +123,7 @@ class WebhookService:
         return f"missing required parameter(s): {', '.join(missing)}" if missing else flat
 
     @staticmethod
-    def _book(write: Callable[[], None], failure: str) -> bool:
+    def _book(write: Callable[[], object], failure: str) -> bool:
         """One write to the calls table; a failure is logged and counted, never raised."""
         try:
             write()
@@ -132,25 +148,160 @@ class WebhookService:
         bind_call(CallSid=params["CallSid"])
         self._book(lambda: self.store.record_call(params), "could not record the call; answering anyway")
         metrics.count("CallsStarted")
-        stream_parameters = {
-            "CallSid": params["CallSid"],
+        logger.info("answered an incoming call", extra={"direction": params.get("Direction")})
+        return self._stream(request, params)
+
+    def _stream(self, request: IncomingRequest, params: Mapping[str, str], resume: str | None = None) -> WebhookReply:
+        """TwiML opening a stream for the call: its parameters, its token, and `/after-stream` after it."""
+        call_sid = params["CallSid"]
+        expiry = int(self._clock()) + self.settings.stream_token_ttl_seconds
+        parameters = {
+            "CallSid": call_sid,
             "From": params.get("From", ""),
             "To": params.get("To", ""),
+            "Direction": params.get("Direction", ""),
+            "token": stream_token(self.settings.twilio_auth_token, call_sid, expiry),
+            "resume": resume or "",
         }
         twiml = connect_stream_twiml(
             self.settings.media_stream_url,
             self._url(request, self._sibling(request, "/stream-status")),
-            stream_parameters,
+            parameters,
+            self._url(request, self._sibling(request, "/after-stream")),
         )
-        logger.info("answered an incoming call", extra={"direction": params.get("Direction")})
         return WebhookReply(200, twiml, "text/xml")
 
-    @staticmethod
-    def _sibling(request: IncomingRequest, path: str) -> str:
-        """`/stream-status` beside `/voice`, keeping any prefix a proxy put in front of it."""
+    _ROUTES = ("/voice", "/after-stream", "/after-dial", "/whisper", "/status", "/stream-status")
+
+    @classmethod
+    def _sibling(cls, request: IncomingRequest, path: str) -> str:
+        """A route beside this one, keeping any prefix a proxy put in front of them."""
         current = request.public_path or request.path
-        prefix = current[: -len("/voice")] if current.endswith("/voice") else ""
-        return prefix + path
+        for route in cls._ROUTES:
+            if current.endswith(route):
+                return current[: -len(route)] + path
+        return path
+
+    @staticmethod
+    def _twiml(body: str) -> WebhookReply:
+        return WebhookReply(200, body, "text/xml")
+
+    def _item(self, call_sid: str) -> dict[str, Any] | WebhookReply | None:
+        """The call's item (consistent read), None if there is none, or the apology if it cannot be read."""
+        try:
+            return self.store.get_call(call_sid)
+        except (StoreError, BotoCoreError, Exception) as error:  # boto3's ClientError too: the caller hears why
+            metrics.count("BookkeepingFailures")
+            logger.error("could not read the call's item; the caller hears an apology", extra={"error": str(error)})
+            return self._twiml(hangup_twiml(SORRY_GOODBYE))
+
+    def after_stream(self, request: IncomingRequest) -> WebhookReply:
+        """Section 2b: the stream ended; the item's `next` says what the call does now. No `next`: the
+        stream was lost, and the caller is reconnected (at most STREAM_RESUMES times)."""
+        params = self._params(request, ["CallSid"])
+        if isinstance(params, WebhookReply):
+            return params
+        call_sid = params["CallSid"]
+        bind_call(CallSid=call_sid)
+        item = self._item(call_sid)
+        if isinstance(item, WebhookReply):
+            return item
+        if item is None:
+            metrics.count("UnknownCalls")
+            logger.warning("/after-stream for a call with no item; hanging up politely")
+            return self._twiml(hangup_twiml(SORRY_GOODBYE))
+        next_step = item.get("next")
+        if isinstance(next_step, dict):
+            self._book(lambda: self.store.clear_next(call_sid), "could not clear the call's next step")
+            if next_step.get("action") == "transfer" and next_step.get("number"):
+                return self._transfer(request, params, next_step)
+            logger.info("the agent ended the call; hanging up")
+            return self._twiml(hangup_twiml())
+        if self._book_resume(call_sid):
+            metrics.count("StreamsResumed")
+            logger.warning("the call's stream ended without a next step; reconnecting the caller")
+            return self._stream(request, params, resume="lost-stream")
+        metrics.count("StreamResumesExhausted")
+        logger.error("the call's stream was lost too many times; apologising and hanging up")
+        self._book(lambda: self.store.set_outcome(call_sid, "stream_lost"), "could not record the outcome")
+        return self._twiml(hangup_twiml(SORRY_GOODBYE))
+
+    def _book_resume(self, call_sid: str) -> bool:
+        try:
+            return self.store.count_stream_resume(call_sid, self.settings.stream_resumes)
+        except (StoreError, BotoCoreError) as error:
+            metrics.count("BookkeepingFailures")
+            logger.error("could not count a stream resume; reconnecting anyway", extra={"error": str(error)})
+            return True
+
+    def _transfer(
+        self, request: IncomingRequest, params: Mapping[str, str], next_step: Mapping[str, Any]
+    ) -> WebhookReply:
+        call_sid = params["CallSid"]
+        number = str(next_step["number"])
+        fields = {
+            "destination": str(next_step.get("destination", "")),
+            "number": number,
+            "summary": str(next_step.get("summary", "")),
+            "dialled_at": int(self._clock()),
+        }
+        self._book(lambda: self.store.record_transfer(call_sid, fields, new=True), "could not record the transfer")
+        inbound = params.get("Direction", "inbound").startswith("inbound")
+        caller_id = params.get("To") if inbound else params.get("From")  # the number the caller dialled
+        whisper = public_url(
+            self._sibling(request, "/whisper"),
+            f"parent={quote(call_sid)}",
+            base_url=self.settings.public_base_url,
+            headers=request.headers,
+        )
+        metrics.count("TransfersDialled")
+        logger.info("transferring the call", extra={"destination": fields["destination"]})
+        return self._twiml(
+            dial_twiml(
+                number,
+                action=self._url(request, self._sibling(request, "/after-dial")),
+                timeout_s=self.settings.transfer_ring_seconds,
+                caller_id=caller_id,
+                whisper_url=whisper,
+                status_callback=self._url(request, self._sibling(request, "/status")),
+            )
+        )
+
+    def after_dial(self, request: IncomingRequest) -> WebhookReply:
+        """Section 2b: the transfer's `<Dial>` ended. Answered: the call is done. Not answered: the
+        caller goes back to the agent, who is told why."""
+        params = self._params(request, ["CallSid", "DialCallStatus"])
+        if isinstance(params, WebhookReply):
+            return params
+        call_sid, status = params["CallSid"], params["DialCallStatus"]
+        bind_call(CallSid=call_sid)
+        outcome = {"dial_status": status}
+        if params.get("DialCallSid"):
+            outcome["child_call_sid"] = params["DialCallSid"]
+        if params.get("DialCallDuration", "").isdigit():
+            outcome["talk_seconds"] = params["DialCallDuration"]
+        self._book(lambda: self.store.record_transfer(call_sid, outcome), "could not record the transfer's end")
+        metrics.count(f"Transfers{'Answered' if status == 'completed' else 'Failed'}")
+        if status not in FAILED_DIAL:
+            self._book(lambda: self.store.set_outcome(call_sid, "transferred"), "could not record the outcome")
+            logger.info("the transfer was answered; the call is done", extra={"dial_status": status})
+            return self._twiml(hangup_twiml())
+        logger.warning(
+            "the transfer was not answered; the caller goes back to the agent", extra={"dial_status": status}
+        )
+        return self._stream(request, params, resume=f"transfer-failed:{status}")
+
+    def whisper(self, request: IncomingRequest) -> WebhookReply:
+        """Section 2b: said to the person the call is transferred to, before the two are bridged."""
+        params = self._params(request, ["CallSid"])
+        if isinstance(params, WebhookReply):
+            return params
+        parent = dict(pair.split("=", 1) for pair in request.query.split("&") if "=" in pair).get("parent", "")
+        item = self._item(parent) if parent else None
+        transfer = item.get("transfer") if isinstance(item, dict) else None
+        summary = transfer.get("summary") if isinstance(transfer, dict) else None
+        text = f"Transferred call. {summary}" if summary else "A call is being transferred to you."
+        return self._twiml(say_twiml(text))
 
     def status(self, request: IncomingRequest) -> WebhookReply:
         params = self._params(request, ["CallSid", "CallStatus"])
@@ -159,6 +310,10 @@ class WebhookService:
         if not params.get("SequenceNumber", "0").isdigit():
             return self._bad(request, f"SequenceNumber {params['SequenceNumber']!r} is not a whole number")
         bind_call(CallSid=params["CallSid"])
+        parent = params.get("ParentCallSid")
+        if parent:  # a transfer's leg: its progress belongs on the call it was dialled from
+            leg = {"child_call_sid": params["CallSid"], "child_status": params["CallStatus"]}
+            self._book(lambda: self.store.record_transfer(parent, leg), "could not record the transfer leg's status")
         if not self._book(lambda: self.store.record_status(params), "could not record a status callback"):
             return WebhookReply(500, "could not record the status; retry\n")  # Twilio retries; writes are idempotent
         if params["CallStatus"] == "completed":

@@ -48,12 +48,25 @@ def make_app(service: WebhookService) -> Litestar:
     async def stream_status(request: Request[Any, Any, Any]) -> Response[str]:
         return _response(service.stream_status(await _incoming(request)))
 
+    @post("/after-stream", status_code=200)
+    async def after_stream(request: Request[Any, Any, Any]) -> Response[str]:
+        return _response(service.after_stream(await _incoming(request)))
+
+    @post("/after-dial", status_code=200)
+    async def after_dial(request: Request[Any, Any, Any]) -> Response[str]:
+        return _response(service.after_dial(await _incoming(request)))
+
+    @post("/whisper", status_code=200)
+    async def whisper(request: Request[Any, Any, Any]) -> Response[str]:
+        return _response(service.whisper(await _incoming(request)))
+
     @get("/healthz", sync_to_thread=False)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    routes = [voice, status, stream_status, after_stream, after_dial, whisper, healthz]
     # logging_config=None: our JSON logger is the only one; Litestar's default would add a second, plain one.
-    return Litestar(route_handlers=[voice, status, stream_status, healthz], openapi_config=None, logging_config=None)
+    return Litestar(route_handlers=routes, openapi_config=None, logging_config=None)
 
 
 def service_from_env() -> WebhookService:

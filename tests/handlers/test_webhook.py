@@ -6,6 +6,7 @@ import importlib
 import io
 import json
 import logging
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from types import ModuleType, SimpleNamespace
@@ -15,9 +16,11 @@ import boto3
 import pytest
 from moto import mock_aws
 from twilio.request_validator import RequestValidator
-from twilio.twiml.voice_response import Connect, Hangup, VoiceResponse
+from twilio.twiml.voice_response import Connect, Dial, VoiceResponse
 
+from core.records import NextStep
 from core.store import CallStore, create_table
+from core.twilio import stream_token_problem
 from infra.lambda_events import http_api_event
 
 TOKEN = "auth-token-0123456789"
@@ -111,7 +114,12 @@ def test_voice_answers_twiml_with_the_stream_and_records_the_call(
     assert stream.get("url") == MEDIA_URL
     assert stream.get("statusCallback") == f"https://{HOST}/stream-status"
     parameters = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
-    assert parameters == {"CallSid": CALL_SID, "From": "+15551234567", "To": "+15557654321"}
+    token = parameters.pop("token")
+    assert parameters == {"CallSid": CALL_SID, "From": "+15551234567", "To": "+15557654321", "Direction": "inbound"}
+    assert stream_token_problem(TOKEN, CALL_SID, token, time.time()) is None
+    assert stream_token_problem(TOKEN, "CA" + "2" * 32, token, time.time()) is not None  # another call's
+    redirect = root.find("./Redirect")
+    assert redirect is not None and redirect.text == f"https://{HOST}/after-stream" and redirect.get("method") == "POST"
     item = stored()
     assert item is not None and item["from_number"] == "+15551234567" and item["status"] == "ringing"
     output = capfd.readouterr().out
@@ -121,22 +129,122 @@ def test_voice_answers_twiml_with_the_stream_and_records_the_call(
     assert TOKEN not in output + log_output.getvalue()
 
 
+def canonical(element: ET.Element) -> Any:
+    return (element.tag, sorted(element.attrib.items()), (element.text or "").strip(), [canonical(c) for c in element])
+
+
 def test_the_twiml_is_what_twilios_own_builder_makes(webhook: ModuleType) -> None:
     body = webhook.handler(event("/voice", VOICE_FORM), CONTEXT)["body"]
+    token = ET.fromstring(body).find("./Connect/Stream/Parameter[@name='token']")
+    assert token is not None
     expected = VoiceResponse()
     connect = Connect()
     stream = connect.stream(
         url=MEDIA_URL, status_callback=f"https://{HOST}/stream-status", status_callback_method="POST"
     )
-    for name, value in (("CallSid", CALL_SID), ("From", "+15551234567"), ("To", "+15557654321")):
+    parameters = (
+        ("CallSid", CALL_SID),
+        ("From", "+15551234567"),
+        ("To", "+15557654321"),
+        ("Direction", "inbound"),
+        ("token", token.get("value")),
+    )
+    for name, value in parameters:
         stream.parameter(name=name, value=value)
     expected.append(connect)
-    expected.append(Hangup())
-
-    def canonical(element: ET.Element) -> Any:
-        return (element.tag, sorted(element.attrib.items()), [canonical(child) for child in element])
-
+    expected.redirect(f"https://{HOST}/after-stream", method="POST")
     assert canonical(ET.fromstring(body)) == canonical(ET.fromstring(str(expected)))
+
+
+# -- section 2b: what the call does when its stream ends -----------------------------------------------
+
+
+def books() -> CallStore:
+    return CallStore(boto3.client("dynamodb"), "calls")
+
+
+def after_stream(webhook: ModuleType) -> ET.Element:
+    response = webhook.handler(event("/after-stream", {**VOICE_FORM, "CallStatus": "in-progress"}), CONTEXT)
+    assert response["statusCode"] == 200
+    return ET.fromstring(response["body"])
+
+
+def test_after_the_agent_hangs_up_the_call_is_hung_up_and_next_is_cleared(webhook: ModuleType) -> None:
+    webhook.handler(event("/voice", VOICE_FORM), CONTEXT)
+    books().set_next(CALL_SID, NextStep("hangup"), "MZ1")
+    assert [child.tag for child in after_stream(webhook)] == ["Hangup"]
+    item = stored()
+    assert item is not None and "next" not in item
+
+
+def test_a_transfer_dials_the_number_with_the_whisper_and_the_child_leg_on_our_status(webhook: ModuleType) -> None:
+    webhook.handler(event("/voice", VOICE_FORM), CONTEXT)
+    books().set_next(CALL_SID, NextStep("transfer", "support", "+15551230000", "wants a refund"), "MZ1")
+    twiml = after_stream(webhook)
+    expected = VoiceResponse()
+    dial = Dial(action=f"https://{HOST}/after-dial", method="POST", timeout=20, caller_id="+15557654321")
+    dial.number(
+        "+15551230000",
+        url=f"https://{HOST}/whisper?parent={CALL_SID}",
+        method="POST",
+        status_callback=f"https://{HOST}/status",
+        status_callback_method="POST",
+        status_callback_event="initiated ringing answered completed",
+    )
+    expected.append(dial)
+    assert canonical(twiml) == canonical(ET.fromstring(str(expected)))
+    item = stored()
+    assert item is not None and item["transfer"]["destination"] == "support" and "next" not in item
+
+    child = {"CallSid": "CA" + "9" * 32, "ParentCallSid": CALL_SID, "CallStatus": "ringing", "SequenceNumber": "1"}
+    assert webhook.handler(event("/status", child), CONTEXT)["statusCode"] == 204
+    whisper = webhook.handler(
+        event("/whisper", {"CallSid": child["CallSid"]}, signed_url=f"https://{HOST}/whisper?parent={CALL_SID}")
+        | {"rawQueryString": f"parent={CALL_SID}"},
+        CONTEXT,
+    )
+    assert whisper["statusCode"] == 200
+    assert ET.fromstring(whisper["body"]).find("Say").text == "Transferred call. wants a refund"  # type: ignore[union-attr]
+
+    answered = {**VOICE_FORM, "DialCallStatus": "completed", "DialCallSid": child["CallSid"], "DialCallDuration": "42"}
+    twiml = ET.fromstring(webhook.handler(event("/after-dial", answered), CONTEXT)["body"])
+    assert [child.tag for child in twiml] == ["Hangup"]
+    item = stored()
+    assert item is not None and item["outcome"] == "transferred"
+    assert item["transfer"]["dial_status"] == "completed" and item["transfer"]["child_call_sid"] == child["CallSid"]
+
+
+@pytest.mark.parametrize("status", ["busy", "no-answer", "failed", "canceled"])
+def test_a_transfer_nobody_answers_brings_the_caller_back_to_the_agent_saying_why(
+    webhook: ModuleType, status: str
+) -> None:
+    webhook.handler(event("/voice", VOICE_FORM), CONTEXT)
+    response = webhook.handler(event("/after-dial", {**VOICE_FORM, "DialCallStatus": status}), CONTEXT)
+    stream = ET.fromstring(response["body"]).find("./Connect/Stream")
+    assert stream is not None
+    parameters = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
+    assert parameters["resume"] == f"transfer-failed:{status}"
+    assert stream_token_problem(TOKEN, CALL_SID, parameters["token"], time.time()) is None
+
+
+def test_a_lost_stream_is_reconnected_at_most_stream_resumes_times_then_apologised_for(webhook: ModuleType) -> None:
+    webhook.handler(event("/voice", VOICE_FORM), CONTEXT)
+    for _ in range(2):
+        stream = after_stream(webhook).find("./Connect/Stream")
+        assert stream is not None
+        assert {p.get("name"): p.get("value") for p in stream.findall("Parameter")}["resume"] == "lost-stream"
+    twiml = after_stream(webhook)
+    assert [child.tag for child in twiml] == ["Say", "Hangup"]
+    item = stored()
+    assert item is not None and item["outcome"] == "stream_lost" and item["stream_resumes"] == 2
+
+
+def test_after_stream_for_an_unknown_call_hangs_up_politely_and_says_so(
+    webhook: ModuleType, log_output: io.StringIO
+) -> None:
+    twiml = after_stream(webhook)
+    assert [child.tag for child in twiml] == ["Say", "Hangup"]
+    assert "/after-stream for a call with no item" in log_output.getvalue()
 
 
 @pytest.mark.parametrize(

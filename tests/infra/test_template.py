@@ -58,7 +58,8 @@ def test_the_webhook_routes_and_settings(template: dict[str, Any]) -> None:
     function = template["Resources"]["WebhookFunction"]["Properties"]
     assert function["Handler"] == "handlers.webhook.handler"
     routes = {(e["Properties"]["Method"], e["Properties"]["Path"]) for e in function["Events"].values()}
-    assert routes == {("POST", "/voice"), ("POST", "/status"), ("POST", "/stream-status"), ("GET", "/healthz")}
+    posts = ("/voice", "/status", "/stream-status", "/after-stream", "/after-dial", "/whisper")
+    assert routes == {*(("POST", path) for path in posts), ("GET", "/healthz")}
     assert {"TWILIO_AUTH_TOKEN", "MEDIA_STREAM_URL", "PUBLIC_BASE_URL", "CALLS_TABLE"} <= set(
         function["Environment"]["Variables"]
     )
