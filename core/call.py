@@ -49,6 +49,7 @@ from core.events import (
     PlayAudio,
     RecordMetric,
     RunTool,
+    SaveConversation,
     SaveSummary,
     SendToStt,
     SendTtsText,
@@ -58,7 +59,7 @@ from core.events import (
 from core.logs import bind_call, logger
 from core.providers.factory import VendorProviders
 from core.providers.roles import CallContext, CallProviders, ProviderFactory
-from core.records import CallSummary, NextStep, ToolCall
+from core.records import CallSummary, NextStep, SavedConversation, ToolCall
 from core.tools import HttpTools
 from core.twilio import (
     Connected,
@@ -72,6 +73,7 @@ from core.twilio import (
     encode_clear,
     encode_mark,
     encode_media,
+    stream_token_problem,
 )
 
 _CLOSE_TIMEOUT_S = 3.0
@@ -92,6 +94,10 @@ class CallRecorder(Protocol):
 
     def set_next(self, call_sid: str, next_step: NextStep, stream_sid: str) -> bool: ...
 
+    def save_conversation(self, call_sid: str, conversation: SavedConversation) -> None: ...
+
+    def load_conversation(self, call_sid: str) -> SavedConversation | None: ...
+
     def complete_call(
         self, call_sid: str, summary: CallSummary, parameters: Mapping[str, str] | None = None
     ) -> None: ...
@@ -108,6 +114,8 @@ class CallServices:
     providers: ProviderFactory
     store: CallRecorder | None
     tools: HttpTools | None = None  # a team's HTTP tools (TOOLS_FILE), shared by every call
+    # The Auth Token that keys every stream's token (DESIGN.md section 2b); None admits any stream (tests).
+    stream_token_key: str | None = None
 
     async def aclose(self) -> None:
         await self.providers.aclose()
@@ -137,6 +145,8 @@ class CallRunner:
         self._ending = asyncio.Event()
         self._end_reason: EndReason = "closed"
         self._summary_saved: asyncio.Task[None] | None = None
+        self._conversation_to_save: SavedConversation | None = None
+        self._conversation_saver: asyncio.Task[None] | None = None
         self.malformed_frames = 0
         self.summary: CallSummary | None = None
 
@@ -177,6 +187,7 @@ class CallRunner:
         start = await self._wait_for_start()
         if start is None:
             return
+        restored = await self._restore(start)
         self._begin(start)
         providers = self._providers
         assert providers is not None
@@ -190,7 +201,7 @@ class CallRunner:
                 self._spawn(self._watch_for_silence(), "watchdog")
                 for provider in providers.all():
                     self._spawn(provider.run(), type(provider).__name__)
-                self._feed(CallStarted(self._clock_ms, self.call_sid, self.stream_sid, self.parameters))
+                self._feed(CallStarted(self._clock_ms, self.call_sid, self.stream_sid, self.parameters, restored))
                 if not self._ending.is_set():
                     self._reader = group.create_task(self._read_until_end(), name="twilio-reader")
                     with contextlib.suppress(asyncio.CancelledError):
@@ -199,6 +210,8 @@ class CallRunner:
                 await self._close_providers()
                 if self._summary_saved is not None:
                     await self._summary_saved
+                if self._conversation_saver is not None:
+                    await self._conversation_saver
                 for task in self._tasks:  # everything of this call ends with it
                     task.cancel()
         finally:
@@ -235,11 +248,37 @@ class CallRunner:
                         extra={"media_format": msgspec.structs.asdict(media_format)},
                     )
                     return None
+                problem = self._token_problem(message)
+                if problem is not None:
+                    bind_call(CallSid=message.start.call_sid, StreamSid=message.stream_sid)
+                    metrics.count("StreamsRefused")
+                    logger.error(f"refused a stream before opening any provider: {problem}")
+                    return None
                 return message
             if isinstance(message, Stop):
                 return None
             if not isinstance(message, Connected):
                 logger.warning("ignored a frame that came before start", extra={"event": type(message).__name__})
+
+    def _token_problem(self, start: Start) -> str | None:
+        """Section 2b: a stream is admitted by the token the webhook put in its TwiML, for its CallSid."""
+        key = self._services.stream_token_key
+        if key is None:
+            return None
+        token = start.start.custom_parameters.get("token")
+        return stream_token_problem(key, start.start.call_sid, token, time.time())
+
+    async def _restore(self, start: Start) -> SavedConversation | None:
+        """A stream that resumes a call gets the conversation its earlier streams saved."""
+        store = self._services.store
+        if not start.start.custom_parameters.get("resume") or store is None:
+            return None
+        try:
+            return await asyncio.to_thread(store.load_conversation, start.start.call_sid)
+        except Exception as error:  # the agent still answers, without its memory; say so loudly
+            metrics.count("BookkeepingFailures")
+            logger.error("could not restore the call's conversation", extra={"error": str(error)})
+            return None
 
     def _begin(self, start: Start) -> None:
         info = start.start
@@ -361,6 +400,10 @@ class CallRunner:
             case CloseProviders():
                 if self._providers_closed is None:
                     self._providers_closed = asyncio.ensure_future(self._close_all(providers))
+            case SaveConversation(conversation=conversation):
+                self._conversation_to_save = conversation
+                if self._conversation_saver is None or self._conversation_saver.done():
+                    self._conversation_saver = asyncio.ensure_future(self._save_conversations())
             case SaveSummary(summary=summary):
                 self.summary = summary
                 self._summary_saved = asyncio.ensure_future(self._save(summary))
@@ -415,6 +458,20 @@ class CallRunner:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*closers, return_exceptions=True), timeout=_CLOSE_TIMEOUT_S)
 
+    async def _save_conversations(self) -> None:
+        """Write the latest conversation, and again while newer ones came meanwhile: coalesced, in a
+        thread, never on the audio path."""
+        store = self._services.store
+        while self._conversation_to_save is not None:
+            conversation, self._conversation_to_save = self._conversation_to_save, None
+            if store is None or not self.call_sid:
+                continue
+            try:
+                await asyncio.to_thread(store.save_conversation, self.call_sid, conversation)
+            except Exception as error:  # a lost stream would then restart the conversation; say so
+                metrics.count("BookkeepingFailures")
+                logger.error("could not save the conversation", extra={"error": str(error)})
+
     async def _save(self, summary: CallSummary) -> None:
         store = self._services.store
         if store is None or not self.call_sid:
@@ -444,9 +501,14 @@ async def _guarded(work: Awaitable[None], name: str) -> None:
 
 
 def call_services(
-    providers: ProviderSettings, conversation: ConversationSettings, store: CallRecorder | None
+    providers: ProviderSettings,
+    conversation: ConversationSettings,
+    store: CallRecorder | None,
+    token_key: str | None = None,
 ) -> CallServices:
     """The production services: rules from the settings, the vendors' providers, the call's books."""
     rules = TurnRules.from_settings(conversation)
     http_tools = HttpTools(conversation.tools) if conversation.tools else None
-    return CallServices(rules=rules, providers=VendorProviders(providers), store=store, tools=http_tools)
+    return CallServices(
+        rules=rules, providers=VendorProviders(providers), store=store, tools=http_tools, stream_token_key=token_key
+    )

@@ -18,7 +18,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Literal
 
-from core.records import CallSummary, ChatMessage, NextStep, ToolCall
+from core.records import CallSummary, ChatMessage, NextStep, SavedConversation, ToolCall
 from core.tools import ToolSpec
 
 # -- events (fed to the engine) ---------------------------------------------------------------------
@@ -26,10 +26,14 @@ from core.tools import ToolSpec
 
 @dataclass(slots=True)
 class CallStarted:
+    """A stream began. With `resume` in its parameters it continues a call: `restored` is the
+    conversation the call's earlier streams saved (None if none could be read)."""
+
     at_ms: int
     call_sid: str
     stream_sid: str
     parameters: dict[str, str] = field(default_factory=dict)
+    restored: SavedConversation | None = None
 
 
 @dataclass(slots=True)
@@ -296,6 +300,14 @@ class EndCall:
 
 
 @dataclass(slots=True)
+class SaveConversation:
+    """The conversation changed (a turn was committed, a tool answered): keep it where the call's next
+    stream can find it. The runner writes the latest one, off the audio path."""
+
+    conversation: SavedConversation
+
+
+@dataclass(slots=True)
 class SaveSummary:
     summary: CallSummary
 
@@ -315,5 +327,6 @@ Action = (
     | RecordMetric
     | CloseProviders
     | EndCall
+    | SaveConversation
     | SaveSummary
 )

@@ -63,6 +63,45 @@ class ToolUse:
 
 
 @dataclass(frozen=True, slots=True)
+class SavedConversation:
+    """What a call's next stream needs to go on where the last one stopped (DESIGN.md section 2b): the
+    history as the caller heard it, tool calls and results included, and the call's time so far."""
+
+    history: tuple[ChatMessage, ...]
+    elapsed_ms: int
+
+    def as_item(self) -> dict[str, Any]:
+        messages = []
+        for message in self.history:
+            entry: dict[str, Any] = {"role": message.role.value, "content": message.content}
+            if message.tool_calls:
+                entry["tool_calls"] = [
+                    {"id": call.id, "name": call.name, "arguments": call.arguments} for call in message.tool_calls
+                ]
+            if message.tool_call_id is not None:
+                entry["tool_call_id"] = message.tool_call_id
+            messages.append(entry)
+        return {"messages": messages, "elapsed_ms": self.elapsed_ms}
+
+    @classmethod
+    def from_item(cls, item: Any) -> SavedConversation:
+        """The saved form back; raises ValueError (naming what is wrong) for anything else."""
+        try:
+            history = tuple(
+                ChatMessage(
+                    Role(entry["role"]),
+                    str(entry.get("content", "")),
+                    tuple(ToolCall(c["id"], c["name"], c["arguments"]) for c in entry.get("tool_calls", ())),
+                    entry.get("tool_call_id"),
+                )
+                for entry in item["messages"]
+            )
+            return cls(history, int(item.get("elapsed_ms", 0)))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"the saved conversation is malformed: {error!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
 class NextStep:
     """What the call does when the agent closes its stream: the item's `next` (DESIGN.md section 3)."""
 

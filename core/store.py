@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
-from core.records import CallSummary, NextStep, Speaker, TurnRecord
+from core.records import CallSummary, NextStep, SavedConversation, Speaker, TurnRecord
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -196,6 +196,18 @@ class CallStore:
             names={"#next": "next"},
             condition="attribute_not_exists(#next)",
         )
+
+    def save_conversation(self, call_sid: str, conversation: SavedConversation) -> None:
+        """The restorable conversation (DESIGN.md section 2b), replaced whole each time."""
+        self._update(
+            call_sid, f"SET {self._CREATED}, conversation = :conversation", {":conversation": conversation.as_item()}
+        )
+
+    def load_conversation(self, call_sid: str) -> SavedConversation | None:
+        """The conversation a call's earlier streams saved, if any (raises ValueError if it is malformed)."""
+        item = self.get_call(call_sid)
+        saved = item.get("conversation") if item is not None else None
+        return SavedConversation.from_item(saved) if saved is not None else None
 
     def clear_next(self, call_sid: str) -> bool:
         """The webhook acted on `next`: it is gone, so a later stream can set its own."""

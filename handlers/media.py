@@ -1,7 +1,10 @@
 """The media service: Twilio Media Streams on `WS /media`, health on `GET /healthz`.
 
-A thin shell: the upgrade's signature is checked against `MEDIA_STREAM_URL` (a bad one is refused
-before the socket is accepted, so Twilio sees 403), then `core.call` runs the call. Settings and
+A thin shell: the upgrade's signature, when there is one, is checked against `MEDIA_STREAM_URL` (a bad
+one is refused before the socket is accepted, so Twilio sees 403); a missing one is not a refusal by
+itself, since Twilio's own sources disagree on whether it signs the upgrade. Every stream is then
+admitted by the per-call token in its `start` (checked by `core.call` before any provider is opened),
+and `core.call` runs the call. Settings and
 shared clients are made once at start-up; `parley serve media` runs it with the draining shutdown.
 """
 
@@ -31,10 +34,11 @@ _TRY_AGAIN_LATER = 1013
 def make_app(settings: MediaSettings, services: CallServices, registry: CallRegistry, drain: Drain) -> Litestar:
     @websocket("/media")
     async def media(socket: WebSocket[Any, Any, Any]) -> None:
-        if not validate_upgrade(
+        signature = socket.headers.get("x-twilio-signature")
+        if signature is not None and not validate_upgrade(
             settings.twilio_auth_token,
             settings.media_stream_url,
-            socket.headers.get("x-twilio-signature"),
+            signature,
             settings_header=socket.headers.get("x-twilio-webhooks-signature-settings"),
             shared_key=settings.twilio_webhook_shared_key,
         ):
@@ -87,7 +91,8 @@ def from_env() -> tuple[Litestar, Drain]:
     store = CallStore(boto3.client("dynamodb"), settings.calls_table, ttl_days=settings.call_ttl_days)
     registry = CallRegistry()
     drain = Drain(settings.drain_seconds, registry.wait_idle, registry.end_all, lambda: len(registry))
-    return make_app(settings, call_services(providers, conversation, store), registry, drain), drain
+    services = call_services(providers, conversation, store, token_key=settings.twilio_auth_token)
+    return make_app(settings, services, registry, drain), drain
 
 
 _built: tuple[Litestar, Drain] | None = None

@@ -29,7 +29,15 @@ import numpy as np
 import websockets
 
 from core.audio import samples_to_ulaw, ulaw_to_samples
-from core.twilio import SIGNATURE_HEADER, OutboundClear, OutboundMark, OutboundMedia, compute_signature, decode_outbound
+from core.twilio import (
+    SIGNATURE_HEADER,
+    OutboundClear,
+    OutboundMark,
+    OutboundMedia,
+    compute_signature,
+    decode_outbound,
+    stream_token,
+)
 from infra.wav import read_ulaw, write_pcm16
 
 VOICES = Path(__file__).parent / "voices"
@@ -149,9 +157,12 @@ class SimulatedCaller:
         signature: str | None = None,
         echo: tuple[int, float] | None = None,
         noise_dbfs: float | None = None,
+        mint_token: bool = True,
     ) -> None:
         """`echo` = (delay ms, gain dB): the agent's voice comes back on the line, as on a speakerphone;
-        `noise_dbfs`: stationary noise on the line for the whole call."""
+        `noise_dbfs`: stationary noise on the line for the whole call. Without `parameters` from a
+        dialled TwiML, the stream's `token` is made as the webhook would make it (`mint_token`), so a
+        caller that skips the webhook (the benchmarks) is still admitted."""
         self._connect_url = connect_url
         self._signed_url = signed_url or connect_url
         self._auth_token = auth_token
@@ -161,7 +172,9 @@ class SimulatedCaller:
         self._noise_rms = 32768 * 10 ** (noise_dbfs / 20) if noise_dbfs is not None else None
         self._noise = np.random.default_rng(7)
         self.report = CallReport(call_sid, stream_sid)
-        self._parameters = parameters or {"CallSid": call_sid}
+        self._parameters = dict(parameters or {"CallSid": call_sid})
+        if mint_token and "token" not in self._parameters:
+            self._parameters["token"] = stream_token(auth_token, call_sid, int(time.time()) + 600)
         self._sequence = 0
         self._socket: websockets.ClientConnection | None = None
         self._t0 = 0.0

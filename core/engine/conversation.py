@@ -85,6 +85,7 @@ from core.events import (
     ProviderRole,
     RecordMetric,
     RunTool,
+    SaveConversation,
     SaveSummary,
     SendToStt,
     SendTtsText,
@@ -97,7 +98,17 @@ from core.events import (
     Unit,
     UtteranceEnd,
 )
-from core.records import CallSummary, ChatMessage, NextStep, ReplyKind, Role, Speaker, ToolCall, TurnRecord
+from core.records import (
+    CallSummary,
+    ChatMessage,
+    NextStep,
+    ReplyKind,
+    Role,
+    SavedConversation,
+    Speaker,
+    ToolCall,
+    TurnRecord,
+)
 from core.tools import END_CALL, TRANSFER_CALL, ToolSpec, error_result
 
 _NO_ACTIONS: list[Action] = []
@@ -157,6 +168,7 @@ class Conversation:
         self._agent_done_ms = 0  # when the agent last finished speaking (rule 11 counts from there)
         self._reprompts = 0  # idle reprompts since the caller last said something (rule 11)
         self._elapsed_before_ms = 0  # the call's time in streams before this one (rule 12)
+        self._saved_history: list[ChatMessage] = self.history  # the history as last saved
         self._segments: list[tuple[int, str]] = []
         self._activity_ms = 0  # last caller voice, word or key of the open turn
         self._speech_counts = False  # whether the detector's current speech belongs to a turn
@@ -222,7 +234,16 @@ class Conversation:
                 self._on_end(event, actions)
             case UtteranceEnd():
                 pass  # the local clock already closes turns; Deepgram's word times extend them
+        if self.history is not self._saved_history:
+            # Section 2b: the conversation outlives its stream. The history is replaced, never edited,
+            # when it changes, so one identity check per event finds a change.
+            self._saved_history = self.history
+            actions.append(SaveConversation(self.saved()))
         return actions
+
+    def saved(self) -> SavedConversation:
+        """What the call's next stream needs to go on from here (DESIGN.md section 2b)."""
+        return SavedConversation(tuple(self.history), self._elapsed_before_ms + self._now_ms)
 
     # -- the clock: every timed rule, in every state ----------------------------------------------------
 
@@ -496,11 +517,14 @@ class Conversation:
         return f"r{self._reply_count}"
 
     def _messages(self, caller_text: str) -> tuple[ChatMessage, ...]:
-        return (ChatMessage(Role.SYSTEM, self.rules.system_prompt), *_joined(self.history, Role.USER, caller_text))
+        history = _joined(self.history, Role.USER, caller_text) if caller_text else self.history
+        return (ChatMessage(Role.SYSTEM, self.rules.system_prompt), *history)
 
     def _reply_messages(self, reply: Reply) -> tuple[ChatMessage, ...]:
-        """What the model is sent for `reply`: the history, the caller's turn, and the reply's tool rounds."""
-        return (*self._messages(reply.caller_text), *reply.messages_after(reply.text))
+        """What the model is sent for `reply`: the history, the caller's turn (or why the agent speaks
+        first), and the reply's tool rounds."""
+        note = (ChatMessage(Role.SYSTEM, reply.note),) if reply.note else ()
+        return (*self._messages(reply.caller_text), *note, *reply.messages_after(reply.text))
 
     def _offered_tools(self, reply: Reply) -> tuple[ToolSpec, ...]:
         """Every tool, until the reply has used its rounds: then the model must answer in words."""
@@ -546,8 +570,37 @@ class Conversation:
     def _on_start(self, event: CallStarted, actions: list[Action]) -> None:
         self.call_sid, self.stream_sid = event.call_sid, event.stream_sid
         self.phase.fire(PhaseTrigger.ANSWERED)
-        if self.rules.greeting.strip():
+        resume = event.parameters.get("resume")
+        if resume:
+            self._resume_call(resume, event.restored, actions)
+        elif self.rules.greeting.strip():
             self._greet(actions)
+
+    def _resume_call(self, reason: str, restored: SavedConversation | None, actions: list[Action]) -> None:
+        """Section 2b: a new stream of a call that had one. The conversation goes on from where it was
+        saved, and the agent speaks first: the resume line after a lost stream, or, back from a transfer
+        nobody answered, its own words, told why it is back."""
+        if restored is not None:
+            self.history = list(restored.history)
+            self._saved_history = self.history
+            self._elapsed_before_ms = restored.elapsed_ms
+        actions.append(RecordMetric("StreamsRestored", 1, Unit.COUNT))
+        if reason.startswith("transfer-failed"):
+            status = reason.partition(":")[2] or "failed"
+            note = (
+                f"You tried to transfer the caller, but the transfer did not connect ({status}). The caller "
+                "is back with you now: tell them briefly and carry on helping them."
+            )
+            reply = Reply.create(
+                self._next_reply_id(), ReplyKind.ANSWER, caller_segments=[], speech_end_ms=None, now_ms=self._now_ms
+            )
+            reply.note = note
+            self._reply = reply
+            actions.append(StartLlm(reply.id, self._reply_messages(reply), self.rules.tools))
+            self.agent.fire(AgentTrigger.ANSWER)
+            self._take_floor()
+        else:
+            self._say(self.rules.resume_line, ReplyKind.GREETING, actions)
 
     def _greet(self, actions: list[Action]) -> None:
         """Rule 8: on `start` of an inbound call the agent speaks the greeting, interruptible like any reply."""

@@ -237,6 +237,7 @@ class Reply:
     first_text_at_ms: int | None = None
     rounds: list[ToolRound] = dataclasses.field(default_factory=list)
     parked_calls: tuple[ToolCall, ...] = ()  # asked for while held (rule 7): nothing runs before release
+    note: str | None = None  # a system message for the model with this reply (why the agent is back)
 
     def messages_after(self, text: str) -> list[ChatMessage]:
         """The reply as messages, its `text` (all of it, or what was heard) cut where each tool round

@@ -30,7 +30,7 @@ from core.events import (
     Unit,
 )
 from core.providers.roles import CallContext, CallProviders
-from core.records import CallSummary, ChatMessage, NextStep, Speaker
+from core.records import CallSummary, ChatMessage, NextStep, Role, SavedConversation, Speaker
 from core.registry import CallRegistry, UnknownCall
 from core.tools import ToolSpec
 
@@ -196,6 +196,14 @@ class FakeBooks:
     def __init__(self) -> None:
         self.saved: list[tuple[str, CallSummary, Mapping[str, str] | None]] = []
         self.next_steps: list[tuple[str, NextStep, str]] = []
+        self.conversations: list[SavedConversation] = []
+        self.saved_conversation: SavedConversation | None = None  # what a resumed stream finds
+
+    def save_conversation(self, call_sid: str, conversation: SavedConversation) -> None:
+        self.conversations.append(conversation)
+
+    def load_conversation(self, call_sid: str) -> SavedConversation | None:
+        return self.saved_conversation
 
     def set_next(self, call_sid: str, next_step: NextStep, stream_sid: str) -> bool:
         self.next_steps.append((call_sid, next_step, stream_sid))
@@ -316,6 +324,28 @@ async def test_the_agent_ending_the_call_records_the_next_step_then_closes_the_s
     assert call.books.next_steps == [(CALL_SID, NextStep("hangup"), STREAM_SID)]
     summary = call.books.saved[0][1]
     assert summary.end_reason == "agent" and summary.outcome == "provider_failure"
+
+
+async def test_a_resumed_stream_starts_from_the_saved_conversation_and_saves_it_again() -> None:
+    call = harness(greeting="", resume_line="I'm back.")
+    history = (ChatMessage(Role.USER, "a table for two"), ChatMessage(Role.ASSISTANT, "For when?"))
+    call.books.saved_conversation = SavedConversation(history, 30_000)
+    watch = Watch()
+    call.runner.observe(watch)
+    call.twilio.start(resume="lost-stream")
+    running = asyncio.create_task(call.runner.run())
+    await watch.until_seen(CallStarted)
+    assert watch.events(CallStarted)[0].restored == call.books.saved_conversation
+    await call.twilio.until(lambda: bool(call.twilio.frames("mark")))
+    call.twilio.mark(call.twilio.frames("mark")[-1]["mark"]["name"])  # "I'm back." heard
+    call.twilio.media(0)
+    call.twilio.stop()
+    await asyncio.wait_for(running, DEADLINE_S)
+    assert call.books.conversations[-1].history == (
+        history[0],
+        ChatMessage(Role.ASSISTANT, "For when? I'm back."),
+    )
+    assert call.books.conversations[-1].elapsed_ms >= 30_000
 
 
 # -- the registry ------------------------------------------------------------------------------------

@@ -85,6 +85,7 @@ class Call:
         loud_voice: bool = False,
         finish_reason: str = "stop",
         model: list[tuple[str, tuple[ToolCall, ...]]] | None = None,
+        start: CallStarted | None = None,
         **rules: Any,
     ) -> None:
         self.engine = Conversation(TurnRules.defaults(**{"greeting": "", **rules}))
@@ -110,7 +111,7 @@ class Call:
         self.play_until = 0.0
         self.echoed_on_clear: list[str] = []
         self._queue: deque[Event] = deque()
-        self.feed(CallStarted(0, "CA1", "MZ1"))
+        self.feed(start or CallStarted(0, "CA1", "MZ1"))
 
     # -- driving ----------------------------------------------------------------------------------
 

@@ -8,17 +8,19 @@ import json
 from core.engine import CallPhase, TurnRules
 from core.engine.machines import AgentState
 from core.events import (
+    CallStarted,
     CancelLlm,
     EndCall,
     FinishTts,
     PlaceMark,
     ProviderFailed,
     ProviderRole,
+    SaveConversation,
     SendTtsText,
     StartLlm,
     ToolAnswered,
 )
-from core.records import ChatMessage, NextStep, ReplyKind, Role, ToolCall
+from core.records import ChatMessage, NextStep, ReplyKind, Role, SavedConversation, ToolCall
 from core.tools import ToolSpec, builtin_tools
 from tests.core.test_engine import MS_PER_CHAR, Call, caller_turn
 
@@ -321,3 +323,63 @@ def test_a_dead_speech_to_text_transfers_to_the_fallback_destination_when_there_
     [end] = call.actions(EndCall)
     assert end.outcome == "provider_failure"
     assert (end.next.action, end.next.destination, end.next.number) == ("transfer", "fallback", "+15550001111")
+
+
+# -- section 2b: the conversation survives its stream ---------------------------------------------------
+
+SAVED = SavedConversation(
+    (
+        ChatMessage(Role.USER, "I'd like a table for four on Friday"),
+        ChatMessage(Role.ASSISTANT, "", tool_calls=(LOOKUP,)),
+        ChatMessage(Role.TOOL, '{"available": true}', tool_call_id=LOOKUP.id),
+        ChatMessage(Role.ASSISTANT, "Friday at seven is free. Shall I book it?"),
+    ),
+    elapsed_ms=60_000,
+)
+
+
+def resumed(reason: str) -> CallStarted:
+    return CallStarted(0, "CA1", "MZ2", {"resume": reason}, SAVED)
+
+
+def test_every_committed_turn_saves_the_conversation() -> None:
+    call = Call("Sure.")
+    call.silence(500)
+    caller_turn(call, "hello")
+    call.silence(2000 + play_time("Sure.") + 100)
+    saves = call.actions(SaveConversation)
+    assert saves and saves[-1].conversation.history == (
+        ChatMessage(Role.USER, "hello"),
+        ChatMessage(Role.ASSISTANT, "Sure."),
+    )
+    assert len(saves) == 1  # once per change, not per event
+
+
+def test_a_lost_stream_restores_the_conversation_and_the_agent_speaks_first() -> None:
+    call = Call("Booked.", start=resumed("lost-stream"), resume_line="Sorry, I lost you. Where were we?")
+    assert [a.text for a in call.actions(SendTtsText)] == ["Sorry, I lost you. Where were we?"]
+    call.silence(play_time("Sorry, I lost you. Where were we?") + 100)
+    caller_turn(call, "yes please book it")
+    call.silence(2000)
+    messages = call.actions(StartLlm)[-1].messages
+    assert messages[1:4] == SAVED.history[:3]  # the whole conversation, tool call and result included
+    # The agent's lines with no caller turn between are one message, as the model expects them.
+    assert messages[4] == ChatMessage(Role.ASSISTANT, f"{SAVED.history[3].content} Sorry, I lost you. Where were we?")
+    assert messages[-1] == ChatMessage(Role.USER, "yes please book it")
+
+
+def test_back_from_a_transfer_nobody_answered_the_model_is_told_why_and_speaks_first() -> None:
+    call = Call("Nobody picked up, sorry. Can I help?", start=resumed("transfer-failed:no-answer"))
+    first = call.actions(StartLlm)[0]
+    assert first.messages[1:5] == SAVED.history
+    assert first.messages[-1].role is Role.SYSTEM and "no-answer" in first.messages[-1].content
+    call.silence(play_time("Nobody picked up, sorry. Can I help?") + 100)
+    assert call.engine.history[-1].content.endswith("Shall I book it? Nobody picked up, sorry. Can I help?")
+
+
+def test_the_duration_cap_counts_the_call_s_earlier_streams() -> None:
+    call = Call(start=resumed("lost-stream"), max_call_ms=61_000, goodbye="Goodbye!")
+    call.silence(980)
+    assert call.engine.phase.state is CallPhase.CONVERSING
+    call.silence(40)  # 60 s before this stream + 1 s of it
+    assert call.engine.phase.state is CallPhase.CLOSING

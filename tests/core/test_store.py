@@ -9,7 +9,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.records import CallSummary, NextStep, ReplyKind, Speaker, ToolUse, TurnRecord
+from core.records import (
+    CallSummary,
+    ChatMessage,
+    NextStep,
+    ReplyKind,
+    Role,
+    SavedConversation,
+    Speaker,
+    ToolCall,
+    ToolUse,
+    TurnRecord,
+)
 from core.store import CallStore, create_table
 
 NOW = 1_795_478_400.0
@@ -154,6 +165,23 @@ def test_the_next_step_is_written_once_until_it_is_acted_on(store: CallStore) ->
         "summary": "wants a refund",
         "stream_sid": "MZ1",
     }
+
+
+def test_the_conversation_is_saved_and_restored_with_its_tool_calls(store: CallStore) -> None:
+    call_sid = VOICE["CallSid"]
+    assert store.load_conversation(call_sid) is None
+    call = ToolCall("call_1", "check_availability", '{"people": 4}')
+    saved = SavedConversation(
+        (
+            ChatMessage(Role.USER, "a table for four"),
+            ChatMessage(Role.ASSISTANT, "Let me check.", tool_calls=(call,)),
+            ChatMessage(Role.TOOL, '{"available": true}', tool_call_id="call_1"),
+            ChatMessage(Role.ASSISTANT, "It is free."),
+        ),
+        elapsed_ms=42_000,
+    )
+    store.save_conversation(call_sid, saved)
+    assert store.load_conversation(call_sid) == saved
 
 
 def test_tool_uses_and_the_outcome_are_on_the_record(store: CallStore) -> None:

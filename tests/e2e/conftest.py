@@ -90,7 +90,7 @@ async def stack(settings: dict[str, str], scenario: Scenario) -> AsyncIterator[S
         registry = CallRegistry()
         drain = Drain(media.drain_seconds, registry.wait_idle, registry.end_all, lambda: len(registry))
         services = call_services(
-            ProviderSettings.from_env(environment), ConversationSettings.from_env(environment), store
+            ProviderSettings.from_env(environment), ConversationSettings.from_env(environment), store, TOKEN
         )
         server = await start_in_loop(make_app(media, services, registry, drain))
         try:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 import websockets
 
+from core.twilio import stream_token
 from infra.caller import HangUp, Pause, Press, Say, SendRaw, WaitForAgent
 from infra.emulators.scenario import Faults, Utterance, demo_scenario
 from tests.e2e.conftest import MEDIA_STREAM_URL, TOKEN, Stack
@@ -102,12 +104,21 @@ async def test_hanging_up_mid_reply_leaves_nothing_running(stack: Stack) -> None
     assert stack.emulators.deepgram.received[-1]["type"] == "CloseStream"
 
 
-async def test_a_bad_signature_is_refused_at_the_upgrade(stack: Stack) -> None:
-    for signature in ("bad-signature", ""):
-        with pytest.raises(websockets.InvalidStatus) as caught:
-            await stack.caller([HangUp()], signature=signature).run()
-        assert caught.value.response.status_code == 403
-    assert len(stack.registry) == 0 and stack.emulators.deepgram.queries == []
+async def test_a_forged_upgrade_signature_is_refused_and_a_stream_needs_its_own_call_s_token(stack: Stack) -> None:
+    """Section 2b: an upgrade signature, when present, must be right; the token in `start` admits the
+    stream whether Twilio signs the upgrade or not, and nothing else does."""
+    with pytest.raises(websockets.InvalidStatus) as caught:
+        await stack.caller([HangUp()], signature="forged-signature").run()
+    assert caught.value.response.status_code == 403
+
+    other = "CA" + "b" * 32
+    for parameters in ({"CallSid": "CA" + "a" * 32}, {"token": stream_token(TOKEN, other, int(time.time()) + 600)}):
+        report = await stack.caller([Pause(200), HangUp()], parameters=parameters, mint_token=False).run()
+        assert report.closed_by_server and report.agent_audio_ms == 0
+    assert len(stack.registry) == 0 and stack.emulators.deepgram.queries == []  # no provider socket opened
+
+    await stack.caller([Pause(300), HangUp()], signature="").run()  # unsigned upgrade, valid token: admitted
+    assert len(stack.emulators.deepgram.queries) == 1
 
 
 @pytest.mark.parametrize("settings", [FAST], indirect=True)
