@@ -3,7 +3,11 @@
 It checks `Authorization: Bearer <key>` (401 with OpenAI's error body otherwise), answers the n-th
 caller turn (the number of user messages) with the scenario's n-th answer, a few characters a
 chunk after `llm_first_text_ms`, then the usage chunk when `stream_options.include_usage` asks for
-it, then `data: [DONE]`. Faults: the first requests answered 500/429 with OpenAI's error body, or
+it, then `data: [DONE]`. An `Answer` with a tool, when the request offers that tool, streams its text
+and then the tool call as the API does (the id and name first, the arguments in pieces, by `index`;
+`finish_reason` "tool_calls"); a request whose last message is that tool's result gets the answer's
+`then`, and one whose last message is a system note (the agent back from a failed transfer) gets the
+scenario's `back_from_transfer`. Faults: the first requests answered 500/429 with OpenAI's error body, or
 an error event mid-stream. A client that disconnects mid-stream (a barge-in) is noticed and the
 generation stops. A non-streamed request gets one `chat.completion` object (`parley check`).
 A bare ASGI app rather than a framework: it needs exact control over status, headers and when
@@ -20,7 +24,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from core.server import RunningServer, start_in_loop
-from infra.emulators.scenario import Scenario
+from infra.emulators.scenario import Answer, Scenario
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -40,6 +44,7 @@ class OpenAiEmulator:
         self.scenario = scenario
         self.requests: list[dict[str, Any]] = []
         self.disconnects = 0
+        self.tool_calls = 0
         self.disconnected = asyncio.Event()  # set when a client left mid-stream
         self._running: RunningServer | None = None
 
@@ -89,15 +94,28 @@ class OpenAiEmulator:
             await self._reply(send, faults.openai_fail_status, _error("The emulator was told to fail.", kind))
             return
         turn = sum(1 for m in messages if m.get("role") == "user") - 1
-        answer = self.scenario.answer(max(0, turn))
+        scripted = self.scenario.answer(max(0, turn))
+        offered = {tool.get("function", {}).get("name") for tool in request.get("tools") or []}
+        tool_call: tuple[str, str] | None = None
+        last = messages[-1].get("role") if messages else None
+        if last == "tool":
+            answer = scripted.then if isinstance(scripted, Answer) else ""
+        elif last == "system" and len(messages) > 1:
+            answer = self.scenario.back_from_transfer
+        elif isinstance(scripted, Answer):
+            answer = scripted.text
+            if scripted.tool in offered:
+                tool_call = (scripted.tool, json.dumps(scripted.arguments))
+        else:
+            answer = scripted
         model = request.get("model", "gpt-4o-mini")
         if "max_tokens" in request and model.startswith(_REASONING_MODELS):
             # As the API answers reasoning models: `max_tokens` is deprecated and refused for them.
-            message = (
+            refusal = (
                 "Unsupported parameter: 'max_tokens' is not supported with this model. "
                 "Use 'max_completion_tokens' instead."
             )
-            await self._reply(send, 400, _error(message, "invalid_request_error", "unsupported_parameter"))
+            await self._reply(send, 400, _error(refusal, "invalid_request_error", "unsupported_parameter"))
             return
         limit = request.get("max_completion_tokens") or request.get("max_tokens")
         if not request.get("stream"):
@@ -111,6 +129,7 @@ class OpenAiEmulator:
             answer,
             bool((request.get("stream_options") or {}).get("include_usage")),
             int(limit) if limit else None,
+            tool_call,
         )
 
     async def _reply(self, send: Send, status: int, body: bytes) -> None:
@@ -146,7 +165,14 @@ class OpenAiEmulator:
         }
 
     async def _stream(
-        self, send: Send, receive: Receive, model: str, answer: str, include_usage: bool, limit: int | None
+        self,
+        send: Send,
+        receive: Receive,
+        model: str,
+        answer: str,
+        include_usage: bool,
+        limit: int | None,
+        tool_call: tuple[str, str] | None = None,
     ) -> None:
         disconnected = asyncio.Event()
 
@@ -220,6 +246,18 @@ class OpenAiEmulator:
                 await send({"type": "http.response.body", "body": chunk({"content": piece}), "more_body": True})
                 if latency.llm_token_interval_ms:
                     await asyncio.sleep(latency.llm_token_interval_ms / 1000)
+            if tool_call is not None and finish == "stop":
+                name, arguments = tool_call
+                self.tool_calls += 1
+                call_id = f"call_emulated{self.tool_calls}"
+                first = {"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+                await send({"type": "http.response.body", "body": chunk({"tool_calls": [first]}), "more_body": True})
+                for start in range(0, len(arguments), 7):  # the arguments come in pieces, as tokens
+                    piece = {"index": 0, "function": {"arguments": arguments[start : start + 7]}}
+                    await send(
+                        {"type": "http.response.body", "body": chunk({"tool_calls": [piece]}), "more_body": True}
+                    )
+                finish = "tool_calls"
             await send({"type": "http.response.body", "body": chunk({}, finish=finish), "more_body": True})
             if include_usage:
                 usage = {"prompt_tokens": 25, "completion_tokens": len(pieces), "total_tokens": 25 + len(pieces)}

@@ -29,6 +29,17 @@ class Utterance:
 
 
 @dataclasses.dataclass(frozen=True)
+class Answer:
+    """A model turn that uses a tool: `text`, then a call of `tool` with `arguments` when the request
+    offers that tool; once the tool's result is in, the model goes on with `then`."""
+
+    text: str
+    tool: str
+    arguments: dict[str, object]
+    then: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class Latency:
     stt_final_ms: int = 150  # after the end of speech
     llm_first_text_ms: int = 300
@@ -60,7 +71,7 @@ class Faults:
 @dataclasses.dataclass(frozen=True)
 class Scenario:
     caller: tuple[Utterance, ...]
-    answers: tuple[str, ...]
+    answers: tuple[str | Answer, ...]
     latency: Latency = Latency()
     faults: Faults = Faults()
     ms_per_char: float = 55.0
@@ -80,7 +91,10 @@ class Scenario:
     def caller_text(self, index: int) -> Utterance | None:
         return self.caller[index] if index < len(self.caller) else None
 
-    def answer(self, turn: int) -> str:
+    # What the model says when it speaks first after a transfer nobody answered (told so by a system message).
+    back_from_transfer: str = "I'm sorry, nobody could take your call just now. Is there anything I can do?"
+
+    def answer(self, turn: int) -> str | Answer:
         return self.answers[min(turn, len(self.answers) - 1)] if self.answers else ""
 
 

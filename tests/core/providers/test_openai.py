@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import openai
 import pytest
 
-from core.events import Event, LlmDone, LlmFailed, LlmText, ProviderFailed, ProviderRole
+from core.events import Event, LlmDone, LlmFailed, LlmText, LlmToolCalls, ProviderFailed, ProviderRole
 from core.providers.openai import LlmError, OpenAiChat, OpenAiReplies, wire_messages
 from core.records import ChatMessage, Role, ToolCall
+from core.tools import ToolSpec
 from infra.emulators.openai import OpenAiEmulator
-from infra.emulators.scenario import Faults, Latency, demo_scenario
+from infra.emulators.scenario import Answer, Faults, Latency, demo_scenario
 
 MESSAGES = (ChatMessage(Role.SYSTEM, "Be brief."), ChatMessage(Role.USER, "A table for two?"))
 
@@ -205,3 +207,41 @@ async def test_how_the_stream_ended_reaches_the_engine() -> None:
         assert sink.events[-1] == LlmDone(0, "r1", "length")
         assert len([e for e in sink.events if isinstance(e, LlmText)]) == 5
         await replies.close()
+
+
+async def test_a_streamed_tool_call_is_joined_and_reaches_the_engine_whole() -> None:
+    """The id and name come first, the arguments in pieces; the engine hears one LlmToolCalls, and the
+    tools offered went out in OpenAI's form."""
+    answer = Answer("Let me check.", "check_availability", {"people": 4, "day": "friday"}, then="It's free.")
+    emulator = OpenAiEmulator(demo_scenario(answers=(answer,)))
+    url = await emulator.start()
+    chat = OpenAiChat("sk-test-key", "gpt-4o-mini", url)
+    sink = Collected(LlmToolCalls, LlmDone, LlmFailed)
+    replies = OpenAiReplies(chat, sink, lambda: 0)
+    tool = ToolSpec("check_availability", "Is a table free", {"type": "object", "properties": {}}, "http://x")
+    replies.start("r1", MESSAGES, (tool,))
+    await sink.wait()
+    assert "".join(e.text for e in sink.events if isinstance(e, LlmText)) == "Let me check."
+    [calls] = [e for e in sink.events if isinstance(e, LlmToolCalls)]
+    assert not any(isinstance(e, LlmDone) for e in sink.events)
+    [call] = calls.calls
+    assert (call.id, call.name, json.loads(call.arguments)) == (
+        "call_emulated1",
+        "check_availability",
+        {"people": 4, "day": "friday"},
+    )
+    assert emulator.requests[0]["tools"] == [tool.wire()]
+
+    sink = Collected(LlmDone, LlmFailed)
+    replies = OpenAiReplies(chat, sink, lambda: 0)
+    with_result = (
+        *MESSAGES,
+        ChatMessage(Role.ASSISTANT, "Let me check.", (call,)),
+        ChatMessage(Role.TOOL, "{}", tool_call_id=call.id),
+    )
+    replies.start("r1", with_result, (tool,))
+    await sink.wait()
+    assert "".join(e.text for e in sink.events if isinstance(e, LlmText)) == "It's free."
+    await replies.close()
+    await chat.close()
+    await emulator.stop()
