@@ -327,3 +327,107 @@ async def test_elevenlabs_refuses_a_wrong_key_and_times_out_idle_sockets() -> No
             await socket.recv()
         assert socket.close_code == 1008
     await emulator.stop()
+
+
+# -- Twilio's side of a call -----------------------------------------------------------------------
+
+
+class TwimlStub:
+    """A webhook that answers with TwiML written by twilio's own `VoiceResponse`, and checks every
+    request's signature with twilio's own `RequestValidator`: the emulator must run what Twilio's
+    library writes, and sign as Twilio signs."""
+
+    def __init__(self, base: str) -> None:
+        from twilio.request_validator import RequestValidator
+
+        self.base = base
+        self.validator = RequestValidator("stub-token")
+        self.requests: list[tuple[str, dict[str, str], bool]] = []
+
+    def twiml(self, path: str) -> str:
+        from twilio.twiml.voice_response import Dial, VoiceResponse
+
+        response = VoiceResponse()
+        if path == "/voice":
+            response.say("Welcome.")
+            response.pause(length=1)
+            response.redirect(f"{self.base}/next", method="POST")
+        elif path == "/next":
+            dial = Dial(action=f"{self.base}/after", timeout=5, caller_id="+15557654321")
+            dial.number(
+                "+15550001111",
+                url=f"{self.base}/whisper",
+                status_callback=f"{self.base}/leg",
+                status_callback_event="initiated ringing answered completed",
+            )
+            response.append(dial)
+            response.say("never said")
+        elif path == "/whisper":
+            response.say("A call for you.")
+        elif path == "/after":
+            response.say("Goodbye.")
+            response.hangup()
+        return str(response)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        from urllib.parse import parse_qsl
+
+        form = dict(parse_qsl(body.decode()))
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        valid = self.validator.validate(f"{self.base}{scope['path']}", form, headers.get("x-twilio-signature", ""))
+        self.requests.append((scope["path"], form, valid))
+        text = self.twiml(scope["path"]).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/xml")]})
+        await send({"type": "http.response.body", "body": text})
+
+
+async def test_the_twilio_emulator_runs_what_twilios_voice_response_writes_and_signs_as_twilio() -> None:
+    from core.server import start_in_loop
+    from infra.emulators.twilio import CalledParty, TwilioEmulator, twiml_steps
+
+    public = "https://hooks.example.com"
+    stub = TwimlStub(public)
+    server = await start_in_loop(stub)
+    twilio = TwilioEmulator(
+        "stub-token",
+        public_base_url=public,
+        webhook_url=server.url,
+        media_urls=[],
+        media_stream_url="wss://media.example.com/media",
+        called_parties={"+15550001111": CalledParty("answer", ring_ms=50, talk_ms=50)},
+    )
+    call = await twilio.place_call([])
+    await twilio.aclose()
+    await server.stop()
+    assert twiml_steps(call) == [
+        "POST /voice -> 200",
+        "Say Welcome.",
+        "Pause 1",
+        "Redirect",
+        "POST /next -> 200",
+        "Dial +15550001111 (answer)",
+        "POST /whisper -> 200",
+        "Dial answered",
+        "Dial ended completed",
+        "POST /after -> 200",
+        "Say Goodbye.",
+        "Hangup",
+    ]
+    assert call.whispers == ["A call for you."] and call.ended_by == "hangup"
+    assert all(valid for _, _, valid in stub.requests)
+    legs = [form for path, form, _ in stub.requests if path == "/leg"]
+    assert [leg["CallStatus"] for leg in legs] == ["initiated", "ringing", "answered", "completed"]
+    assert all(leg["ParentCallSid"] == call.call_sid for leg in legs)
+    [after] = [form for path, form, _ in stub.requests if path == "/after"]
+    assert after["DialCallStatus"] == "completed" and after["DialCallSid"] == legs[0]["CallSid"]
