@@ -468,6 +468,7 @@ class CallRunner:
                 continue
             try:
                 await asyncio.to_thread(store.save_conversation, self.call_sid, conversation)
+                logger.info("saved the conversation", extra={"messages": len(conversation.history)})
             except Exception as error:  # a lost stream would then restart the conversation; say so
                 metrics.count("BookkeepingFailures")
                 logger.error("could not save the conversation", extra={"error": str(error)})

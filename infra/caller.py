@@ -105,6 +105,10 @@ class CallReport:
     duration_ms: float = 0.0
     closed_by_server: bool = False
     timed_out: bool = False
+    # On the machine's monotonic clock, to line up with other observers (the Twilio emulator's steps).
+    first_audio_at: float | None = None
+    last_mark_at: float | None = None
+    closed_at: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -369,9 +373,12 @@ class SimulatedCaller:
         except websockets.ConnectionClosed:
             pass
         self.report.closed_by_server = True
+        self.report.closed_at = time.monotonic()
 
     def _on_media(self, now: float, ulaw: bytes) -> None:
         self.report.media_received += 1
+        if self.report.first_audio_at is None:
+            self.report.first_audio_at = time.monotonic()
         self.heard_agent.set()
         if self._awaiting_reply_since is not None and now > self._awaiting_reply_since:
             self.report.reply_latencies_ms.append(now - self._awaiting_reply_since)
@@ -409,6 +416,7 @@ class SimulatedCaller:
     def _echo_mark(self, name: str) -> None:
         self._pending_marks = [entry for entry in self._pending_marks if entry[1] != name]
         self.report.marks_echoed += 1
+        self.report.last_mark_at = time.monotonic()
         echo = asyncio.ensure_future(self._send_event("mark", mark={"name": name}))
         self._echoes.add(echo)
         echo.add_done_callback(self._echoes.discard)

@@ -524,7 +524,10 @@ class Conversation:
         """What the model is sent for `reply`: the history, the caller's turn (or why the agent speaks
         first), and the reply's tool rounds."""
         note = (ChatMessage(Role.SYSTEM, reply.note),) if reply.note else ()
-        return (*self._messages(reply.caller_text), *note, *reply.messages_after(reply.text))
+        # What was said after the last tool call (a filler) is not the model's: its next round follows the
+        # results directly, as OpenAI expects.
+        written = reply.text[: reply.rounds[-1].text_at] if reply.rounds else reply.text
+        return (*self._messages(reply.caller_text), *note, *reply.messages_after(written))
 
     def _offered_tools(self, reply: Reply) -> tuple[ToolSpec, ...]:
         """Every tool, until the reply has used its rounds: then the model must answer in words."""

@@ -383,3 +383,14 @@ def test_the_duration_cap_counts_the_call_s_earlier_streams() -> None:
     assert call.engine.phase.state is CallPhase.CONVERSING
     call.silence(40)  # 60 s before this stream + 1 s of it
     assert call.engine.phase.state is CallPhase.CLOSING
+
+
+def test_the_next_round_follows_the_tool_results_even_after_a_filler() -> None:
+    call = Call(model=[("", (LOOKUP,)), ("It ships on Tuesday.", ())], tool_filler_ms=500, **with_tools())
+    call.silence(500)
+    caller_turn(call, "where is my order")
+    call.silence(1900 + 600)  # the filler has been said
+    call.feed(ToolAnswered(call.now, LOOKUP.id, '{"ships": "Tuesday"}'))
+    assert call.actions(StartLlm)[-1].messages[-1] == ChatMessage(
+        Role.TOOL, '{"ships": "Tuesday"}', tool_call_id=LOOKUP.id
+    )
