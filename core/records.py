@@ -158,10 +158,14 @@ class CallSummary:
 
     @property
     def transcript(self) -> str:
-        """One line per turn as heard, `Agent:` / `Caller:`, interrupted replies marked."""
-        return "\n".join(
-            f"{'Agent' if turn.speaker is Speaker.AGENT else 'Caller'}: {turn.text}"
-            + (" [interrupted]" if turn.interrupted else "")
-            for turn in self.turns
-            if turn.text
-        )
+        """One line per turn as heard, `Agent:` / `Caller:`, interrupted replies marked; the tools the
+        agent used, and how it ended the call, on lines of their own."""
+        lines = []
+        for turn in self.turns:
+            lines.extend(f"  [tool {use.name}({use.arguments}) -> {use.result}]" for use in turn.tools)
+            if turn.text:
+                speaker = "Agent" if turn.speaker is Speaker.AGENT else "Caller"
+                lines.append(f"{speaker}: {turn.text}" + (" [interrupted]" if turn.interrupted else ""))
+        if self.outcome:
+            lines.append(f"  [the agent ended the call: {self.outcome}]")
+        return "\n".join(lines)

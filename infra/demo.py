@@ -1,13 +1,16 @@
 """`parley demo`: one whole simulated call, end to end, on this machine.
 
-It starts DynamoDB (moto's server on loopback), the provider emulators, the webhook and the media
-service (each `parley serve`, the production server), then dials like Twilio: posts the signed
-voice webhook, follows the TwiML's `<Stream>` and runs the scripted call: the greeting, a turn with
-a pause shorter than the threshold inside it, the agent's reply, a barge-in part way through the
-next reply, a last turn, the hang-up. It prints the transcript as the caller heard it, a per-turn
-latency table and the call's DynamoDB item, and writes the call's two-channel audio (caller left,
-agent right) and a JSON report. With `--real` the providers are the real ones (keys from the
-environment) and only the caller, the servers and DynamoDB are local.
+It starts DynamoDB (moto's server on loopback), the provider emulators, a team's tool server, the
+webhook and the media service (each `parley serve`, the production server), then calls through the
+Twilio emulator: the signed voice webhook, its TwiML, the stream, the status callbacks, and what
+follows the stream. The scripted call: the greeting, a turn with a pause shorter than the threshold
+inside it, the agent checking availability with the team's HTTP tool before it answers, a barge-in
+part way through the next reply, the caller's goodbye, and the agent ending the call itself after
+its own goodbye was heard (Twilio's `/after-stream` hangs up). It prints what Twilio did, the
+transcript as the caller heard it (tool calls included), a per-turn latency table and the call's
+DynamoDB item, and writes the call's two-channel audio (caller left, agent right) and a JSON report.
+With `--real` the providers are the real ones (keys from the environment) and only the caller,
+Twilio, the tool, the servers and DynamoDB are local.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Any
 import boto3
 
 from core.store import CallStore, create_table
-from infra.caller import CallReport, HangUp, Pause, Say, SimulatedCaller, Step, WaitForAgent, dial
+from infra.caller import Pause, Say, Step, WaitForAgent
+from infra.emulators.twilio import TwilioCall, TwilioEmulator
 from infra.local import Service, local_dynamodb
 
 TOKEN = "demo-twilio-auth-token"
@@ -36,11 +40,10 @@ DEMO_SCRIPT: list[Step] = [
     Say("book_table"),
     Pause(1200),  # shorter than the 2 s threshold: still the same turn
     Say("tomorrow"),
-    Say("actually", after_agent_ms=1800),  # cuts in part way through the reply
+    Say("actually", after_agent_ms=4500),  # cuts in part way through the reply, after the tool's answer
     WaitForAgent(),
     Say("goodbye"),
-    WaitForAgent(),
-    HangUp(),
+    WaitForAgent(quiet_ms=15_000, timeout_ms=20_000),  # the agent says goodbye and hangs up itself
 ]
 
 
@@ -72,6 +75,10 @@ def run_demo(out: Path, real: bool = False) -> int:
                 )
                 services.append(emulators)
                 environment.update(emulators.ready)
+            tools = Service("tools", [sys.executable, "-m", "infra.tool_server"], environment, out / "tools.log")
+            services.append(tools)
+            (out / "tools.json").write_text(json.dumps(tools.ready["tools"]))
+            environment["TOOLS_FILE"] = str(out / "tools.json")
             parley = [sys.executable, "-m", "handlers.cli", "serve"]
             media = Service(
                 "media", [*parley, "media", "--host", "127.0.0.1", "--port", "0"], environment, out / "media.log"
@@ -81,46 +88,36 @@ def run_demo(out: Path, real: bool = False) -> int:
                 "webhook", [*parley, "webhook", "--host", "127.0.0.1", "--port", "0"], environment, out / "webhook.log"
             )
             services.append(webhook)
-            report, caller = asyncio.run(_call(media.ready["listening"], webhook.ready["listening"]))
+            call = asyncio.run(_call(media.ready["listening"], webhook.ready["listening"]))
         finally:
             for service in reversed(services):
                 service.stop()
         item = CallStore(client, "parley-calls").get_call(CALL_SID)
-    return _report(out, report, caller, item)
+    return _report(out, call, item)
 
 
-async def _call(media_url: str, webhook_url: str) -> tuple[CallReport, SimulatedCaller]:
-    form = {
-        "AccountSid": "AC" + "0" * 32,
-        "ApiVersion": "2010-04-01",
-        "CallSid": CALL_SID,
-        "CallStatus": "ringing",
-        "Direction": "inbound",
-        "From": "+15551234567",
-        "To": "+15557654321",
-        "Caller": "+15551234567",
-        "Called": "+15557654321",
-    }
-    # Twilio signs the public URL it was given; locally the request goes to the loopback address.
-    stream_url, parameters = await asyncio.to_thread(
-        dial, f"{PUBLIC_BASE_URL}/voice", TOKEN, form, deliver_to=f"{webhook_url}/voice"
-    )
-    if stream_url != MEDIA_STREAM_URL:
-        raise RuntimeError(f"the TwiML streams to {stream_url}, expected {MEDIA_STREAM_URL}")
-    caller = SimulatedCaller(
-        media_url.replace("http://", "ws://") + "/media",
+async def _call(media_url: str, webhook_url: str) -> TwilioCall:
+    """Twilio's side of the call: the signed /voice, its TwiML, the stream, what follows it."""
+    twilio = TwilioEmulator(
         TOKEN,
-        DEMO_SCRIPT,
-        signed_url=MEDIA_STREAM_URL,
-        call_sid=CALL_SID,
-        stream_sid="MZ" + "d" * 32,
-        parameters=parameters,
+        public_base_url=PUBLIC_BASE_URL,
+        webhook_url=webhook_url,
+        media_urls=[media_url.replace("http://", "ws://") + "/media"],
+        media_stream_url=MEDIA_STREAM_URL,
+        status_callback=f"{PUBLIC_BASE_URL}/status",
     )
-    return await caller.run(), caller
+    try:
+        return await twilio.place_call([DEMO_SCRIPT], call_sid=CALL_SID)
+    finally:
+        await twilio.aclose()
 
 
-def _report(out: Path, report: CallReport, caller: SimulatedCaller, item: dict[str, Any] | None) -> int:
+def _report(out: Path, call: TwilioCall, item: dict[str, Any] | None) -> int:
+    report, caller = call.streams[0], call.callers[0]
     caller.write_recording(out / "call.wav")
+    print("\n=== What Twilio did (seconds since the call began)")
+    for at, what in call.steps:
+        print(f"{at:7.2f}  {what}")
     print("\n=== Transcript (as the caller heard it)")
     print(item["transcript"] if item else "(no call item was written)")
     print("\n=== Latency at the caller (2.0 s silence threshold)")
@@ -134,9 +131,18 @@ def _report(out: Path, report: CallReport, caller: SimulatedCaller, item: dict[s
         print(f"barge-in: caller speech onset -> clear received: {latency:.0f} ms")
     print("\n=== The call's DynamoDB item")
     print(json.dumps(item, indent=2, default=str))
-    (out / "report.json").write_text(json.dumps({"report": report.as_dict(), "item": item}, indent=2, default=str))
+    twilio = {"steps": call.steps, "ended_by": call.ended_by}
+    document = {"report": report.as_dict(), "twilio": twilio, "item": item}
+    (out / "report.json").write_text(json.dumps(document, indent=2, default=str))
     print(f"\nWrote {out / 'call.wav'} (caller left, agent right), {out / 'report.json'} and the services' logs.")
-    ok = item is not None and item.get("turn_count") == 3 and report.clears_received == 1
+    ok = (
+        item is not None
+        and item.get("turn_count") == 3
+        and report.clears_received == 1
+        and item.get("outcome") == "completed_by_agent"
+        and call.ended_by == "hangup"
+        and any(turn.get("tools") for turn in item.get("turns", []))
+    )
     if not ok:
         print("The demo call did not go as scripted; see the logs above.", file=sys.stderr)
     return 0 if ok else 1

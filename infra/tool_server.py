@@ -1,4 +1,5 @@
-"""A team's HTTP tools, as the demo and the tests need them: `POST /availability` answers whether a
+"""A team's HTTP tools, as the demo and the tests need them (`python -m infra.tool_server` serves them
+and prints one JSON line with the TOOLS_FILE contents that declare them): `POST /availability` answers whether a
 table is free; `/slow` answers the same after `slow_s` (long enough for the agent's filler);
 `/garbage` answers something that is not JSON; `/refuse` answers HTTP 500. Every request is kept, so
 a test can see what Parley sent (`{"call_sid", "arguments"}`). A bare ASGI app, like the emulators.
@@ -87,3 +88,21 @@ async def _answer(
 ) -> None:
     await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", kind.encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _main() -> None:
+    import signal
+
+    server = ToolServer()
+    url = await server.start()
+    print(json.dumps({"TOOL_SERVER_URL": url, "tools": server.tools_file(url)}), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(_main())

@@ -117,6 +117,20 @@ def demo_scenario(**changes: object) -> Scenario:
     return dataclasses.replace(scenario, **changes)  # type: ignore[arg-type]
 
 
+def demo_call_scenario() -> Scenario:
+    """`make demo`'s call: the demo's lines, with the agent checking availability with the team's tool
+    before it answers, and ending the call itself after the caller's goodbye."""
+    demo = demo_scenario()
+    check = Answer(
+        "Let me check that for you.",
+        "check_availability",
+        {"people": 2, "day": "tomorrow", "time": "19:00"},
+        then=str(demo.answers[0]).replace("Of course! A table for two", "Good news, a table for two is free"),
+    )
+    goodbye = Answer("You're welcome. Goodbye!", "end_call", {"reason": "the caller said goodbye"})
+    return dataclasses.replace(demo, answers=(check, demo.answers[1], goodbye))
+
+
 def bench_scenario() -> Scenario:
     """The benchmark's call: a turn, a reply cut in on, a second turn and its reply."""
     demo = demo_scenario()
@@ -144,4 +158,4 @@ def barge_in_scenario() -> Scenario:
     return dataclasses.replace(demo, caller=(demo.caller[0],), per_call=per_call)
 
 
-SCENARIOS = {"demo": demo_scenario, "bench": bench_scenario, "barge-in": barge_in_scenario}
+SCENARIOS = {"demo": demo_call_scenario, "bench": bench_scenario, "barge-in": barge_in_scenario}

@@ -61,6 +61,7 @@ class TwilioCall:
     began: float = dataclasses.field(default_factory=time.monotonic)
     steps: list[tuple[float, str]] = dataclasses.field(default_factory=list)  # (seconds since began, what)
     streams: list[CallReport] = dataclasses.field(default_factory=list)
+    callers: list[SimulatedCaller] = dataclasses.field(default_factory=list)  # one per stream, with its recording
     stream_parameters: list[dict[str, str]] = dataclasses.field(default_factory=list)
     said: list[str] = dataclasses.field(default_factory=list)
     whispers: list[str] = dataclasses.field(default_factory=list)
@@ -244,6 +245,7 @@ class TwilioEmulator:
                 call.step(f"Stream could not connect to {media_url}")
                 continue  # the load balancer tries another task
             call.streams.append(report)
+            call.callers.append(caller)
             call.step(f"Stream ended ({'by the server' if report.closed_by_server else 'by the caller'})")
             return not report.closed_by_server
         return False
