@@ -160,7 +160,7 @@ class CallSummary:
     def transcript(self) -> str:
         """One line per turn as heard, `Agent:` / `Caller:`, interrupted replies marked; the tools the
         agent used, and how it ended the call, on lines of their own."""
-        lines = []
+        lines: list[str] = []
         for turn in self.turns:
             lines.extend(f"  [tool {use.name}({use.arguments}) -> {use.result}]" for use in turn.tools)
             if turn.text:

@@ -225,7 +225,7 @@ class TwilioEmulator:
         parameters = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
         call.stream_parameters.append(parameters)
         url = stream.get("url", "")
-        script = scripts.pop(0) if scripts else [WaitForAgent(), HangUp()]
+        script: list[Step] = scripts.pop(0) if scripts else [WaitForAgent(), HangUp()]
         call.step(f"Stream {parameters.get('resume', 'new')}")
         for media_url in self.media_urls if url == self.media_stream_url else [url]:
             caller = SimulatedCaller(
@@ -277,7 +277,8 @@ class TwilioEmulator:
                 await self._post(status_url, form)
 
         await leg_status("initiated")
-        status, talk_s = party.outcome, 0
+        status: str = party.outcome
+        talk_s = 0
         if party.outcome in ("answer", "no-answer"):
             await leg_status("ringing")
             ring_s = timeout_s if party.outcome == "no-answer" else min(party.ring_ms / 1000, timeout_s)
