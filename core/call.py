@@ -88,6 +88,8 @@ class TwilioSocket(Protocol):
 
     async def send_text(self, data: str) -> None: ...
 
+    async def close(self) -> None: ...
+
 
 class CallRecorder(Protocol):
     """The call's books (`core.store.CallStore`): what the call does when its stream closes, and its summary."""
@@ -207,6 +209,11 @@ class CallRunner:
                     with contextlib.suppress(asyncio.CancelledError):
                         await self._reader
                 self._feed(CallEnded(self._clock_ms, self._end_reason))
+                if self._end_reason == "agent":
+                    # Twilio moves on (to /after-stream) only when the stream closes: close it now, and
+                    # let the providers and the books finish after.
+                    with contextlib.suppress(Exception):
+                        await self._socket.close()
                 await self._close_providers()
                 if self._summary_saved is not None:
                     await self._summary_saved

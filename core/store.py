@@ -209,9 +209,31 @@ class CallStore:
         saved = item.get("conversation") if item is not None else None
         return SavedConversation.from_item(saved) if saved is not None else None
 
-    def clear_next(self, call_sid: str) -> bool:
-        """The webhook acted on `next`: it is gone, so a later stream can set its own."""
-        return self._update(call_sid, "REMOVE #next", {}, names={"#next": "next"}, condition="attribute_exists(#next)")
+    def take_next(self, call_sid: str) -> tuple[bool, dict[str, Any] | None]:
+        """Whether the call has an item, and the `next` step it held, which is removed in the same
+        request (one strongly consistent write instead of a read and a write: the time between the
+        agent's last words and Twilio's next verb is the caller's silence)."""
+        try:
+            response = self.client.update_item(
+                TableName=self._table,
+                Key={"CallSid": {"S": call_sid}},
+                UpdateExpression="REMOVE #next",
+                ConditionExpression="attribute_exists(CallSid)",
+                ExpressionAttributeNames={"#next": "next"},
+                ReturnValues="ALL_OLD",
+            )
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                return False, None
+            raise StoreError(
+                f"calls table {self._table}: taking the next step of {call_sid} failed: {error}"
+            ) from error
+        old = response.get("Attributes", {})
+        expires_at = old.get("expires_at")
+        if expires_at is not None and int(_deserializer.deserialize(expires_at)) <= self._clock():
+            return False, None
+        raw_next = old.get("next")
+        return True, _plain(_deserializer.deserialize(raw_next)) if raw_next is not None else None
 
     def count_stream_resume(self, call_sid: str, limit: int) -> bool:
         """One more reconnection of a lost stream, if fewer than `limit` were made; False otherwise."""

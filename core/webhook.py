@@ -203,16 +203,19 @@ class WebhookService:
             return params
         call_sid = params["CallSid"]
         bind_call(CallSid=call_sid)
-        item = self._item(call_sid)
-        if isinstance(item, WebhookReply):
-            return item
-        if item is None:
+        try:
+            known, next_step = self.store.take_next(call_sid)
+        except (StoreError, BotoCoreError) as error:
+            metrics.count("BookkeepingFailures")
+            logger.error(
+                "could not read the call's next step; the caller hears an apology", extra={"error": str(error)}
+            )
+            return self._twiml(hangup_twiml(SORRY_GOODBYE))
+        if not known:
             metrics.count("UnknownCalls")
             logger.warning("/after-stream for a call with no item; hanging up politely")
             return self._twiml(hangup_twiml(SORRY_GOODBYE))
-        next_step = item.get("next")
         if isinstance(next_step, dict):
-            self._book(lambda: self.store.clear_next(call_sid), "could not clear the call's next step")
             if next_step.get("action") == "transfer" and next_step.get("number"):
                 return self._transfer(request, params, next_step)
             logger.info("the agent ended the call; hanging up")

@@ -29,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--barge-in", action="store_true", help="the false-barge-in corpus over the agent's reply (section 5)"
     )
+    bench.add_argument(
+        "--call-control",
+        action="store_true",
+        help="last mark -> <Hangup/>/<Dial>, and a killed media task -> the agent heard again (section 5)",
+    )
     bench.add_argument("--calls", type=int, nargs="*", default=[1, 10, 50], help="simultaneous calls to run")
     bench.add_argument("--out", default="bench-output", help="folder for the JSON results and the logs")
     return parser
@@ -52,7 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             from infra.bench import run
 
-            return run(args.calls, Path(args.out), frames_only=args.frames, barge_in=args.barge_in)
+            return run(
+                args.calls,
+                Path(args.out),
+                frames_only=args.frames,
+                barge_in=args.barge_in,
+                call_control=args.call_control,
+            )
         raise AssertionError(f"unknown command {args.command}")
     except ConfigError as error:
         print(f"parley {args.command}: configuration error: {error}", file=sys.stderr)

@@ -372,9 +372,16 @@ def report_lambda() -> None:
     )
 
 
-def run(counts: list[int], out: Path, frames_only: bool = False, barge_in: bool = False) -> int:
+def run(
+    counts: list[int], out: Path, frames_only: bool = False, barge_in: bool = False, call_control: bool = False
+) -> int:
     report_frame_cost()
     if frames_only:
+        return 0
+    if call_control:
+        from infra.bench_call_control import run_call_control
+
+        run_call_control(out)
         return 0
     if barge_in:
         from infra.bench_barge_in import run_corpus

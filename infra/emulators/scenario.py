@@ -10,6 +10,7 @@ at `ms_per_char`. Latencies are those DESIGN.md section 5 measures against.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 
 from infra.wav import read_ulaw
@@ -35,7 +36,7 @@ class Answer:
 
     text: str
     tool: str
-    arguments: dict[str, object]
+    arguments: Mapping[str, object]
     then: str = ""
 
 
@@ -158,4 +159,36 @@ def barge_in_scenario() -> Scenario:
     return dataclasses.replace(demo, caller=(demo.caller[0],), per_call=per_call)
 
 
-SCENARIOS = {"demo": demo_call_scenario, "bench": bench_scenario, "barge-in": barge_in_scenario}
+def _control(*caller: Utterance, answers: tuple[str | Answer, ...]) -> Scenario:
+    return dataclasses.replace(demo_scenario(), caller=caller, answers=answers)
+
+
+def hangup_scenario() -> Scenario:
+    """`parley bench --call-control`: the caller says goodbye, the agent ends the call."""
+    goodbye = Utterance.recorded("goodbye", "Thank you, goodbye.")
+    return _control(goodbye, answers=(Answer("Thank you for calling. Goodbye!", "end_call", {"reason": "done"}),))
+
+
+def transfer_scenario() -> Scenario:
+    """`parley bench --call-control`: the caller asks for a table, the agent transfers to support."""
+    book = Utterance.recorded("book_table", "Hi, I would like to book a table for two.")
+    arguments = {"destination": "support", "summary": "wants a table for two"}
+    transfer = Answer("Let me put you through to our reservations team.", "transfer_call", arguments)
+    return _control(book, answers=(transfer,))
+
+
+def lost_stream_scenario() -> Scenario:
+    """`parley bench --call-control`: two turns, the media task killed between them."""
+    book = Utterance.recorded("book_table", "Hi, I would like to book a table for two.")
+    tomorrow = Utterance.recorded("tomorrow", "Tomorrow at seven, please.")
+    return _control(book, tomorrow, answers=("For when?", "Done, see you then."))
+
+
+SCENARIOS = {
+    "demo": demo_call_scenario,
+    "bench": bench_scenario,
+    "barge-in": barge_in_scenario,
+    "hangup": hangup_scenario,
+    "transfer": transfer_scenario,
+    "lost-stream": lost_stream_scenario,
+}

@@ -48,6 +48,7 @@ class FakeTwilio:
         self.sent: list[dict[str, Any]] = []
         self._changed = asyncio.Event()
         self._sequence = 0
+        self.closed = False
 
     async def receive_text(self) -> str:
         frame = await self.inbox.get()
@@ -58,6 +59,9 @@ class FakeTwilio:
     async def send_text(self, data: str) -> None:
         self.sent.append(json.loads(data))
         self._changed.set()
+
+    async def close(self) -> None:
+        self.closed = True
 
     def send(self, event: str, **body: Any) -> None:
         self._sequence += 1
@@ -322,6 +326,7 @@ async def test_the_agent_ending_the_call_records_the_next_step_then_closes_the_s
     call.runner.inject(ProviderFailed(0, ProviderRole.TTS, "ElevenLabs closed 2 sockets in a row"))  # no voice left
     await asyncio.wait_for(running, DEADLINE_S)  # the runner ends the call itself; Twilio sent no stop
     assert call.books.next_steps == [(CALL_SID, NextStep("hangup"), STREAM_SID)]
+    assert call.twilio.closed  # closed by the runner, so Twilio moves on at once
     summary = call.books.saved[0][1]
     assert summary.end_reason == "agent" and summary.outcome == "provider_failure"
 

@@ -165,6 +165,11 @@ def test_the_next_step_is_written_once_until_it_is_acted_on(store: CallStore) ->
         "summary": "wants a refund",
         "stream_sid": "MZ1",
     }
+    assert store.take_next(call_sid) == (True, item["next"])  # read and removed in one write
+    assert store.take_next(call_sid) == (True, None)
+    assert store.set_next(call_sid, NextStep("hangup"), "MZ2") is True  # acted on: a new step may be set
+    assert store.take_next("CA" + "9" * 32) == (False, None)
+    assert store.get_call("CA" + "9" * 32) is None  # asking about an unknown call creates nothing
 
 
 def test_the_conversation_is_saved_and_restored_with_its_tool_calls(store: CallStore) -> None:
