@@ -193,6 +193,11 @@ class SimulatedCaller:
         self._barge_in_onset: float | None = None
         self._heard_since: float | None = None  # first agent audio after the caller last spoke
         self.heard_agent = asyncio.Event()  # set at the first agent audio of the call
+        self._stop_requested = False
+
+    def stop(self) -> None:
+        """End the stream from Twilio's side now (a REST update of the call sends `stop` first)."""
+        self._stop_requested = True
 
     def now(self) -> float:
         return (time.monotonic() - self._t0) * 1000
@@ -300,7 +305,7 @@ class SimulatedCaller:
                         "stop", stop={"accountSid": "AC" + "0" * 32, "callSid": self.report.call_sid}
                     )
                     return
-            if not steps and not audio:
+            if (not steps and not audio) or self._stop_requested:
                 await self._send_event("stop", stop={"accountSid": "AC" + "0" * 32, "callSid": self.report.call_sid})
                 return
             if reader.done() or self.report.closed_by_server:
