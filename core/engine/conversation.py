@@ -355,6 +355,17 @@ class Conversation:
             if reply.caller_segments:
                 reply.caller_segments.append((start_ms, text))  # on the record; the model heard less
                 return
+        if (
+            reply is not None
+            and not reply.caller_segments
+            and start_ms < reply.started_at_ms
+            and self.agent.state in (A.THINKING, A.SPEAKING)
+            and self._interruptible()
+        ):
+            # Words said before the agent began a line of its own (a reprompt, the idle goodbye), and
+            # transcribed after: the caller was there. The line gives way as to a barge-in (rule 4).
+            self._barge_in(start_ms, actions, by_voice=False)
+            self._confirm_barge_in(actions)
         if self.agent.state is A.HOLDING:
             self._drop_speculation(actions)  # it answered less than the caller has now said
         if self.caller.state is C.SILENT:

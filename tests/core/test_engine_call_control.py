@@ -394,3 +394,16 @@ def test_the_next_round_follows_the_tool_results_even_after_a_filler() -> None:
     assert call.actions(StartLlm)[-1].messages[-1] == ChatMessage(
         Role.TOOL, '{"ships": "Tuesday"}', tool_call_id=LOOKUP.id
     )
+
+
+def test_words_said_before_a_reprompt_but_transcribed_after_make_it_give_way() -> None:
+    """Found by the stateful model: the reprompt started at 8 s of quiet, then Deepgram delivered words
+    the caller said at 7.5 s. The caller was there: the reprompt stops and their words are the turn."""
+    reprompt = "Are you still there? I can wait if you need a moment."  # still playing at the threshold
+    call = Call("Sure.", idle_reprompt_ms=8000, idle_reprompt=reprompt)
+    call.silence(8100)
+    assert [a.text for a in call.actions(SendTtsText)] == [reprompt]
+    call.words("book a table", 7400, 7700)
+    call.silence(2000 + play_time("Sure.") + 100)
+    assert call.committed_prompts()[-1] == "book a table"
+    assert call.engine.history[-1] == ChatMessage(Role.ASSISTANT, "Sure.")

@@ -11,8 +11,14 @@ at once on `clear`. Whatever the order, these must hold:
 * at most one live reply, and at most one open model stream;
 * every model stream that was started is ended or cancelled before the summary is saved;
 * a reply committed as heard whole had its last mark really played, not echoed by a clear;
-* caller and agent messages alternate in the history, which starts after the system prompt;
+* caller and agent messages alternate in the history, which starts after the system prompt (an agent
+  turn that used tools counts once: its tool calls, their results, what it said after them);
+* every tool call in the history is followed at once by its results, one per call, as OpenAI requires;
 * the agent machine and the current reply agree.
+
+The model may also ask for tools (an HTTP tool, `end_call`, `transfer_call`) whenever a stream is
+open, and an HTTP tool answers whenever it likes, even after its reply was given up; when the engine
+ends the call itself (`EndCall`) the runner's `CallEnded("agent")` follows.
 """
 
 from __future__ import annotations
@@ -37,27 +43,32 @@ from core.events import (
     CancelTts,
     ClearPlayback,
     DtmfPressed,
+    EndCall,
     Event,
     FinalizeStt,
     FinishTts,
     LlmDone,
     LlmFailed,
     LlmText,
+    LlmToolCalls,
     MarkPlayed,
     PlaceMark,
     PlayAudio,
     ProviderFailed,
     ProviderRole,
+    RunTool,
     SaveSummary,
     SendTtsText,
     StartLlm,
+    ToolAnswered,
     Transcript,
     TtsAudio,
     TtsDone,
     TtsFailed,
     Word,
 )
-from core.records import Role, Speaker
+from core.records import ChatMessage, Role, Speaker, ToolCall
+from core.tools import ToolSpec, builtin_tools
 
 _rng = np.random.default_rng(5)
 SPEECH = [samples_to_ulaw(np.round(_rng.normal(0, 3000, 160)).astype(np.int16)) for _ in range(8)]
@@ -65,6 +76,14 @@ SILENCE = b"\xff" * 160
 MS_PER_CHAR = 20
 ANSWERS = ["Sure. ", "I can help with that. ", "What time would you like? ", "Okay"]
 WORDS = ["book", "a", "table", "for", "two", "wait", "yes", "no"]
+DESTINATIONS = {"support": "+15551230000"}
+LOOKUP = ToolSpec("lookup", "Look it up", {"type": "object", "properties": {}}, url="http://tools.invalid/lookup")
+TOOL_CALLS = {
+    "lookup": ("lookup", "{}"),
+    "end_call": ("end_call", '{"reason": "done"}'),
+    "transfer": ("transfer_call", '{"destination": "support", "summary": "a person"}'),
+    "nowhere": ("transfer_call", '{"destination": "sales", "summary": "a person"}'),
+}
 
 
 def voiced_audio(now: int, reply_id: str, text: str, aligned: bool) -> TtsAudio:
@@ -87,13 +106,23 @@ class ConversationModel(RuleBasedStateMachine):
         self.placed: dict[str, list[str]] = {}  # reply id -> its marks, in order
         self.played: set[str] = set()  # marks echoed because playback reached them
         self.saved = False
+        self.tools_running: list[str] = []  # ids of HTTP tool calls not answered yet
+        self.tool_ids = itertools.count(1)
 
     # -- the world ---------------------------------------------------------------------------------
 
     @rule(greeting=st.sampled_from(["", "Hello! How can I help?"]))
     @precondition(lambda self: self.engine is None)
     def start(self, greeting: str) -> None:
-        self.engine = Conversation(TurnRules.defaults(greeting=greeting, silence_threshold_ms=1000))
+        rules = TurnRules.defaults(
+            greeting=greeting,
+            silence_threshold_ms=1000,
+            transfer_destinations=DESTINATIONS,
+            tools=(*builtin_tools(DESTINATIONS), LOOKUP),
+            tool_filler_ms=300,
+            idle_reprompt_ms=3000,
+        )
+        self.engine = Conversation(rules)
         self.feed(CallStarted(0, "CA1", "MZ1"))
 
     def feed(self, event: Event) -> None:
@@ -129,6 +158,10 @@ class ConversationModel(RuleBasedStateMachine):
                 self.play_until = self.now
                 while self.playout:  # Twilio echoes every pending mark at once, unplayed
                     self.queue.append(MarkPlayed(self.now, self.playout.popleft()[1]))
+            case RunTool(call=call):
+                self.tools_running.append(call.id)
+            case EndCall():
+                self.queue.append(CallEnded(self.now, "agent"))  # the runner closes the stream
             case SaveSummary(summary=summary):
                 assert not self.llm_open, f"model streams left open at the call's end: {sorted(self.llm_open)}"
                 for turn in summary.turns:
@@ -212,6 +245,21 @@ class ConversationModel(RuleBasedStateMachine):
         reply_id = data.draw(st.sampled_from(sorted(self.llm_open)))
         del self.llm_open[reply_id]
         self.feed(LlmFailed(self.now, reply_id, "HTTP 500"))
+
+    @rule(data=st.data(), tool=st.sampled_from(sorted(TOOL_CALLS)))
+    @precondition(lambda self: self.live() and bool(self.llm_open))
+    def model_asks_for_a_tool(self, data: st.DataObject, tool: str) -> None:
+        reply_id = data.draw(st.sampled_from(sorted(self.llm_open)))
+        del self.llm_open[reply_id]
+        name, arguments = TOOL_CALLS[tool]
+        self.feed(LlmToolCalls(self.now, reply_id, (ToolCall(f"call_{next(self.tool_ids)}", name, arguments),)))
+
+    @rule(data=st.data())
+    @precondition(lambda self: self.live() and bool(self.tools_running))
+    def tool_answers(self, data: st.DataObject) -> None:
+        call_id = data.draw(st.sampled_from(self.tools_running))
+        self.tools_running.remove(call_id)
+        self.feed(ToolAnswered(self.now, call_id, '{"found": true}'))
 
     # -- the voice -----------------------------------------------------------------------------------
 
@@ -308,9 +356,26 @@ class ConversationModel(RuleBasedStateMachine):
     def history_alternates(self) -> None:
         if self.engine is None:
             return
-        roles = [message.role for message in self.engine.history]
-        assert Role.SYSTEM not in roles
-        assert all(a is not b for a, b in itertools.pairwise(roles)), roles
+        history = self.engine.history
+        assert Role.SYSTEM not in [message.role for message in history]
+        turns: list[Role] = []
+        for index, message in enumerate(history):
+            if message.tool_calls:  # its results follow at once, one per call
+                results = history[index + 1 : index + 1 + len(message.tool_calls)]
+                assert [r.tool_call_id for r in results] == [c.id for c in message.tool_calls], history
+            if message.role is Role.TOOL:
+                previous = history[index - 1]
+                assert previous.role is Role.TOOL or previous.tool_calls, history
+                continue
+            if (
+                message.role is Role.ASSISTANT
+                and turns
+                and turns[-1] is Role.ASSISTANT
+                and _after_tools(history, index)
+            ):
+                continue  # what the agent said after its tools is the same turn
+            turns.append(message.role)
+        assert all(a is not b for a, b in itertools.pairwise(turns)), [m.role for m in history]
 
     @invariant()
     def agent_and_reply_agree(self) -> None:
@@ -334,3 +399,8 @@ ConversationModel.TestCase.settings = settings(
     max_examples=100, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestConversationModel = ConversationModel.TestCase
+
+
+def _after_tools(history: list[ChatMessage], index: int) -> bool:
+    """The message at `index` comes right after a tool result."""
+    return index > 0 and history[index - 1].role is Role.TOOL
