@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from core.server import RunningServer, start_in_loop
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
+from infra.asgi import Receive, Scope, Send, lifespan, read_body, respond
 
 AVAILABILITY_TOOL = {
     "name": "check_availability",
@@ -50,20 +47,10 @@ class ToolServer:
         """A TOOLS_FILE's contents declaring the availability tool at `path`."""
         return [{**AVAILABILITY_TOOL, "url": f"{base_url}{path}", "timeout": timeout}]
 
-    async def __call__(
-        self, scope: Scope, receive: Callable[[], Awaitable[Message]], send: Callable[[Message], Awaitable[None]]
-    ) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if await lifespan(scope, receive, send):
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         try:
             request = json.loads(body or b"{}")
         except ValueError:
@@ -71,23 +58,16 @@ class ToolServer:
         self.requests.append((scope["path"], request))
         path = scope["path"]
         if path == "/refuse":
-            await _answer(send, 500, b'{"error": "internal"}')
+            await respond(send, 500, b'{"error": "internal"}')
         elif path == "/garbage":
-            await _answer(send, 200, b"<html>not json</html>", "text/html")
+            await respond(send, 200, b"<html>not json</html>", "text/html")
         elif path in ("/availability", "/slow"):
             if path == "/slow":
                 await asyncio.sleep(self.slow_s)  # the tool's own work, which is what is being emulated
             people = request.get("arguments", {}).get("people", 2)
-            await _answer(send, 200, json.dumps({"available": people <= 6, "time": "19:00"}).encode())
+            await respond(send, 200, json.dumps({"available": people <= 6, "time": "19:00"}).encode())
         else:
-            await _answer(send, 404, b'{"error": "not found"}')
-
-
-async def _answer(
-    send: Callable[[Message], Awaitable[None]], status: int, body: bytes, kind: str = "application/json"
-) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", kind.encode())]})
-    await send({"type": "http.response.body", "body": body})
+            await respond(send, 404, b'{"error": "not found"}')
 
 
 async def _main() -> None:

@@ -20,17 +20,11 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from core.server import RunningServer, start_in_loop
+from infra.asgi import Receive, Scope, Send, lifespan, read_body, respond
 from infra.emulators.scenario import Answer, Scenario
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
 
 _REASONING_MODELS = ("o1", "o3", "o4", "gpt-5")
 
@@ -57,33 +51,21 @@ class OpenAiEmulator:
             await self._running.stop()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        if scope["type"] != "http":
+        if await lifespan(scope, receive, send) or scope["type"] != "http":
             return
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         if scope["method"] != "POST" or scope["path"] != "/v1/chat/completions":
-            await self._reply(send, 404, _error(f"Unknown path {scope['path']}", "invalid_request_error"))
+            await respond(send, 404, _error(f"Unknown path {scope['path']}", "invalid_request_error"))
             return
         if headers.get("authorization") != f"Bearer {self.scenario.openai_key}":
-            await self._reply(
-                send, 401, _error("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
-            )
+            await respond(send, 401, _error("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"))
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         try:
             request = json.loads(body)
             messages = request["messages"]
         except (ValueError, KeyError, TypeError):
-            await self._reply(
+            await respond(
                 send, 400, _error("We could not parse the JSON body of your request.", "invalid_request_error")
             )
             return
@@ -91,7 +73,7 @@ class OpenAiEmulator:
         faults = self.scenario.faults
         if len(self.requests) <= faults.openai_fail_first:
             kind = "rate_limit_exceeded" if faults.openai_fail_status == 429 else "server_error"
-            await self._reply(send, faults.openai_fail_status, _error("The emulator was told to fail.", kind))
+            await respond(send, faults.openai_fail_status, _error("The emulator was told to fail.", kind))
             return
         turn = sum(1 for m in messages if m.get("role") == "user") - 1
         scripted = self.scenario.answer(max(0, turn))
@@ -115,12 +97,12 @@ class OpenAiEmulator:
                 "Unsupported parameter: 'max_tokens' is not supported with this model. "
                 "Use 'max_completion_tokens' instead."
             )
-            await self._reply(send, 400, _error(refusal, "invalid_request_error", "unsupported_parameter"))
+            await respond(send, 400, _error(refusal, "invalid_request_error", "unsupported_parameter"))
             return
         limit = request.get("max_completion_tokens") or request.get("max_tokens")
         if not request.get("stream"):
             words = answer.split()[: max(1, int(request.get("max_tokens") or 1_000_000))]
-            await self._reply(send, 200, json.dumps(self._completion(model, " ".join(words))).encode())
+            await respond(send, 200, json.dumps(self._completion(model, " ".join(words))).encode())
             return
         await self._stream(
             send,
@@ -131,16 +113,6 @@ class OpenAiEmulator:
             int(limit) if limit else None,
             tool_call,
         )
-
-    async def _reply(self, send: Send, status: int, body: bytes) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
 
     @staticmethod
     def _completion(model: str, text: str) -> dict[str, Any]:

@@ -45,6 +45,7 @@ import httpx
 
 from core.server import RunningServer, start_in_loop
 from core.twilio import SIGNATURE_HEADER, compute_signature
+from infra.asgi import Receive, Scope, Send, lifespan, read_body
 from infra.caller import CallReport, HangUp, SimulatedCaller, Step, WaitForAgent
 
 _sids = itertools.count(1)
@@ -433,19 +434,10 @@ class _RestApi:
         self.twilio = twilio
         self.requests: list[tuple[str, dict[str, str]]] = []
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if await lifespan(scope, receive, send):
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        form = dict(urllib.parse.parse_qsl(body.decode()))
+        form = dict(urllib.parse.parse_qsl((await read_body(receive)).decode()))
         self.requests.append((scope["path"], form))
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         status, answer = await self._answer(scope["method"], scope["path"], headers.get("authorization", ""), form)

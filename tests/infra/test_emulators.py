@@ -374,26 +374,17 @@ class TwimlStub:
         return str(response)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
         from urllib.parse import parse_qsl
 
-        form = dict(parse_qsl(body.decode()))
+        from infra.asgi import lifespan, read_body, respond
+
+        if await lifespan(scope, receive, send):
+            return
+        form = dict(parse_qsl((await read_body(receive)).decode()))
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         valid = self.validator.validate(f"{self.base}{scope['path']}", form, headers.get("x-twilio-signature", ""))
         self.requests.append((scope["path"], form, valid))
-        text = self.twiml(scope["path"]).encode()
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/xml")]})
-        await send({"type": "http.response.body", "body": text})
+        await respond(send, 200, self.twiml(scope["path"]).encode(), "text/xml")
 
 
 async def test_the_twilio_emulator_runs_what_twilios_voice_response_writes_and_signs_as_twilio() -> None:
