@@ -8,6 +8,7 @@ our ElevenLabs client and the ElevenLabs emulator validates against the elevenla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -387,24 +388,35 @@ class TwimlStub:
         await respond(send, 200, self.twiml(scope["path"]).encode(), "text/xml")
 
 
-async def test_the_twilio_emulator_runs_what_twilios_voice_response_writes_and_signs_as_twilio() -> None:
-    from core.server import start_in_loop
-    from infra.emulators.twilio import CalledParty, TwilioEmulator, twiml_steps
+STUB_BASE = "https://hooks.example.com"
 
-    public = "https://hooks.example.com"
-    stub = TwimlStub(public)
+
+@contextlib.asynccontextmanager
+async def twilio_with_stub(number: str, party: Any) -> AsyncIterator[tuple[Any, TwimlStub]]:
+    """The Twilio emulator in front of the TwiML stub, with one called party."""
+    from core.server import start_in_loop
+    from infra.emulators.twilio import TwilioEmulator
+
+    stub = TwimlStub(STUB_BASE)
     server = await start_in_loop(stub)
     twilio = TwilioEmulator(
         "stub-token",
-        public_base_url=public,
+        public_base_url=STUB_BASE,
         webhook_url=server.url,
         media_urls=[],
         media_stream_url="wss://media.example.com/media",
-        called_parties={"+15550001111": CalledParty("answer", ring_ms=50, talk_ms=50)},
+        called_parties={number: party},
     )
-    call = await twilio.place_call([])
+    yield twilio, stub
     await twilio.aclose()
     await server.stop()
+
+
+async def test_the_twilio_emulator_runs_what_twilios_voice_response_writes_and_signs_as_twilio() -> None:
+    from infra.emulators.twilio import CalledParty, twiml_steps
+
+    async with twilio_with_stub("+15550001111", CalledParty("answer", ring_ms=50, talk_ms=50)) as (twilio, stub):
+        call = await twilio.place_call([])
     assert twiml_steps(call) == [
         "POST /voice -> 200",
         "Say Welcome.",
@@ -428,67 +440,44 @@ async def test_the_twilio_emulator_runs_what_twilios_voice_response_writes_and_s
     assert after["DialCallStatus"] == "completed" and after["DialCallSid"] == legs[0]["CallSid"]
 
 
-async def test_the_twilio_emulator_accepts_twilios_rest_client_to_place_and_update_calls() -> None:
-    import asyncio
+def place_with(client: Any, **extra: str) -> Any:
+    """An outbound call through twilio's REST client (synchronous: run it in a thread)."""
+    return client.calls.create(to="+15550002222", from_="+15557654321", url=f"{STUB_BASE}/outbound", **extra)
 
+
+async def test_the_twilio_emulator_accepts_twilios_rest_client_to_place_and_update_calls() -> None:
     from twilio.base.exceptions import TwilioRestException
     from twilio.rest import Client
 
-    from core.server import start_in_loop
-    from infra.emulators.twilio import CalledParty, TwilioEmulator, twiml_steps
+    from infra.emulators.twilio import CalledParty, twiml_steps
 
-    public = "https://hooks.example.com"
-    stub = TwimlStub(public)
-    server = await start_in_loop(stub)
-    twilio = TwilioEmulator(
-        "stub-token",
-        public_base_url=public,
-        webhook_url=server.url,
-        media_urls=[],
-        media_stream_url="wss://media.example.com/media",
-        called_parties={"+15550002222": CalledParty("answer", ring_ms=50, answered_by="machine_start")},
-    )
-    rest_url = await twilio.start_rest()
-    client = Client(twilio.account_sid, "stub-token")
-    client.api.base_url = rest_url
-
-    def place() -> Any:
-        return client.calls.create(
-            to="+15550002222",
-            from_="+15557654321",
-            url=f"{public}/outbound",
-            status_callback=f"{public}/leg",
-            machine_detection="Enable",
-            async_amd="true",
-            async_amd_status_callback=f"{public}/amd",
-        )
-
-    created = await asyncio.to_thread(place)
-    assert created.status == "queued" and created.direction == "outbound-api" and created.to == "+15550002222"
-    call = twilio.calls[created.sid]
-    assert call.rest["MachineDetection"] == "Enable" and call.rest["AsyncAmd"] == "true"
-    await call.until("Pause 10")  # the callee answered and its TwiML is pausing
-    twiml = "<Response><Say>Changed.</Say><Hangup/></Response>"
-    updated = await asyncio.to_thread(lambda: client.calls(created.sid).update(twiml=twiml))
-    assert updated.sid == created.sid
-    await asyncio.wait_for(call.completed.wait(), timeout=5)
-    steps = twiml_steps(call)
-    assert steps[steps.index("Updated by the REST API") :] == ["Updated by the REST API", "Say Changed.", "Hangup"]
-    assert "Say never said" not in steps
-    [amd] = [form for path, form, _ in stub.requests if path == "/amd"]
-    assert amd["AnsweredBy"] == "machine_start" and amd["CallSid"] == created.sid
-    assert [form["CallStatus"] for path, form, _ in stub.requests if path == "/leg"][-1] == "completed"
-    with pytest.raises(TwilioRestException) as refused:
-        await asyncio.to_thread(lambda: client.calls.create(to="+15550002222", from_="+15557654321"))
-    assert refused.value.status == 400 and refused.value.code == 21205
-    wrong = Client(twilio.account_sid, "another-token")
-    wrong.api.base_url = rest_url
-    with pytest.raises(TwilioRestException) as unauthorised:
-        await asyncio.to_thread(place_with, wrong, public)
-    assert unauthorised.value.status == 401
-    await twilio.aclose()
-    await server.stop()
-
-
-def place_with(client: Any, public: str) -> Any:
-    return client.calls.create(to="+15550002222", from_="+15557654321", url=f"{public}/outbound")
+    party = CalledParty("answer", ring_ms=50, answered_by="machine_start")
+    async with twilio_with_stub("+15550002222", party) as (twilio, stub):
+        rest_url = await twilio.start_rest()
+        client = Client(twilio.account_sid, "stub-token")
+        client.api.base_url = rest_url
+        amd = {"async_amd": "true", "async_amd_status_callback": f"{STUB_BASE}/amd"}
+        options = {"status_callback": f"{STUB_BASE}/leg", "machine_detection": "Enable", **amd}
+        created = await asyncio.to_thread(place_with, client, **options)
+        assert created.status == "queued" and created.direction == "outbound-api" and created.to == "+15550002222"
+        call = twilio.calls[created.sid]
+        assert call.rest["MachineDetection"] == "Enable" and call.rest["AsyncAmd"] == "true"
+        await call.until("Pause 10")  # the callee answered and its TwiML is pausing
+        twiml = "<Response><Say>Changed.</Say><Hangup/></Response>"
+        updated = await asyncio.to_thread(lambda: client.calls(created.sid).update(twiml=twiml))
+        assert updated.sid == created.sid
+        await asyncio.wait_for(call.completed.wait(), timeout=5)
+        steps = twiml_steps(call)
+        assert steps[steps.index("Updated by the REST API") :] == ["Updated by the REST API", "Say Changed.", "Hangup"]
+        assert "Say never said" not in steps
+        [result] = [form for path, form, _ in stub.requests if path == "/amd"]
+        assert result["AnsweredBy"] == "machine_start" and result["CallSid"] == created.sid
+        assert [form["CallStatus"] for path, form, _ in stub.requests if path == "/leg"][-1] == "completed"
+        with pytest.raises(TwilioRestException) as refused:
+            await asyncio.to_thread(lambda: client.calls.create(to="+15550002222", from_="+15557654321"))
+        assert refused.value.status == 400 and refused.value.code == 21205
+        wrong = Client(twilio.account_sid, "another-token")
+        wrong.api.base_url = rest_url
+        with pytest.raises(TwilioRestException) as unauthorised:
+            await asyncio.to_thread(place_with, wrong)
+        assert unauthorised.value.status == 401
