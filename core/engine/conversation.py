@@ -132,6 +132,8 @@ class _Closing:
     line: str | None
     cancellable: bool
     tool_calls: tuple[str, ...] = ()  # the ids of the tool calls that asked for it
+    # The reply being said stops at the end of its sentence (rule 12); otherwise it is said to its end.
+    cuts_speech: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -727,7 +729,10 @@ class Conversation:
         reply_id, _, _ = event.name.partition(".")
         reply = self._current(reply_id)
         if reply is not None and reply.playback.mark_played(event.name, event.at_ms):
-            self._finish_if_heard_out(reply, actions)
+            if event.name == reply.last_mark and not reply.heard_out:
+                self._cut_at_mark(reply, actions)
+            else:
+                self._finish_if_heard_out(reply, actions)
 
     def _finish_if_heard_out(self, reply: Reply, actions: list[Action]) -> None:
         """Rule 3, the one place a reply finishes: its voice is done and its last mark was played."""
@@ -813,8 +818,9 @@ class Conversation:
         )
 
     def _begin_closing(self, closing: _Closing, actions: list[Action], *, keep: Reply | None = None) -> None:
-        """CLOSING: the reply the caller is hearing ends at its sentence, one not heard yet is given up
-        (`keep` is the closing's own announcement), then the closing line, then the call's end."""
+        """CLOSING: a reply not heard yet is given up (`keep` is the closing's own announcement), the one
+        being heard is said to its end (or to the end of its sentence, at the duration cap), then the
+        closing line, then the call's end."""
         self._closing = closing
         self.phase.fire(PhaseTrigger.CLOSE)
         reply, withdraw = self._reply, _WITHDRAW_UNHEARD.get(self.agent.state)
@@ -826,19 +832,39 @@ class Conversation:
                     self._commit_reply(reply, "", interrupted=True)
                 self._stop = None
                 self._withdraw(reply, withdraw, actions)
-            else:
+            elif closing.cuts_speech:
                 self._end_at_sentence(reply, actions)
         if self.agent.state is A.IDLE:
             self._close(actions)
 
     def _end_at_sentence(self, reply: Reply, actions: list[Action]) -> None:
-        """The reply stops being written; what is voiced of it ends at its last whole sentence."""
+        """Rule 12: the reply stops being written, and the caller hears the sentence being said and no
+        more: playback is cleared when the mark that ends it is played (`_on_mark`)."""
         if reply.writing:
             actions.append(CancelLlm(reply.id))
         if reply.writing or reply.awaiting_tools:
             reply.streams.fire(StreamsTrigger.TEXT_DONE)
             reply.text = _through_last_sentence(reply.text)
             actions.append(FinishTts(reply.id, drop_unfinished=True))
+        if self.agent.state is A.SPEAKING:
+            reply.last_mark = reply.playback.mark_ending_what_plays(self._now_ms)
+            if reply.last_mark is None:  # between two sentences: it has been said
+                self._cut_at_mark(reply, actions)
+
+    def _cut_at_mark(self, reply: Reply, actions: list[Action]) -> None:
+        """The sentence that was playing has been heard: what is queued after it is dropped, and the
+        reply ends there, as heard."""
+        actions.append(ClearPlayback())
+        self._play_until_ms = self._now_ms
+        self._echo.cleared(self._now_ms)
+        self._stop_streams(reply, actions)
+        self._commit_reply(reply, reply.playback.heard_text(reply.text, self._now_ms), interrupted=True)
+        self._reply = None
+        self._agent_done_ms = self._now_ms
+        self.hearing.listen_again(self._now_ms)
+        self.agent.fire(AgentTrigger.REPLY_FINISHED)
+        if self.phase.state is CallPhase.CLOSING:
+            self._close(actions)
 
     def _close(self, actions: list[Action]) -> None:
         """CLOSING, the agent silent: say the last line, or, once it was heard, end the call."""
@@ -885,7 +911,8 @@ class Conversation:
         """Rule 12: at the cap the agent finishes its sentence, says goodbye and ends the call."""
         if self.phase.state is CallPhase.CONVERSING and self._elapsed_before_ms + now >= self.rules.max_call_ms:
             actions.append(RecordMetric("CallsAtDurationCap", 1, Unit.COUNT))
-            self._begin_closing(_Closing("max_duration", NextStep("hangup"), self.rules.goodbye, False), actions)
+            closing = _Closing("max_duration", NextStep("hangup"), self.rules.goodbye, False, cuts_speech=True)
+            self._begin_closing(closing, actions)
 
     # -- section 2b: tools ---------------------------------------------------------------------------------
 

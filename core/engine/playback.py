@@ -120,6 +120,12 @@ class Playback:
         self.played_mark_at_ms = at_ms
         return True
 
+    def mark_ending_what_plays(self, now_ms: int) -> str | None:
+        """The first mark at or after the playback position (the end of the sentence being heard, as
+        audio is cut and marked at sentence ends), or None when playback has reached all audio sent."""
+        position = self._position(now_ms)
+        return next((name for name, offset in self.mark_offsets.items() if offset > position), None)
+
     def _position(self, now_ms: int) -> float:
         """How far into the reply's audio the caller's playback is at `now_ms`: where the schedule of
         what was sent says it is, but never past the last echoed mark plus the time since (Twilio may
@@ -238,6 +244,7 @@ class Reply:
     rounds: list[ToolRound] = dataclasses.field(default_factory=list)
     parked_calls: tuple[ToolCall, ...] = ()  # asked for while held (rule 7): nothing runs before release
     note: str | None = None  # a system message for the model with this reply (why the agent is back)
+    last_mark: str | None = None  # playback stops at this mark (rule 12: the sentence being said, no more)
 
     def messages_after(self, text: str) -> list[ChatMessage]:
         """The reply as messages, its `text` (all of it, or what was heard) cut where each tool round

@@ -10,6 +10,7 @@ from core.engine.machines import AgentState
 from core.events import (
     CallStarted,
     CancelLlm,
+    ClearPlayback,
     EndCall,
     FinishTts,
     PlaceMark,
@@ -290,7 +291,7 @@ def test_a_caller_who_answers_a_reprompt_starts_the_count_again() -> None:
 # -- rule 12: the longest call ---------------------------------------------------------------------------
 
 
-def test_the_cap_reached_mid_sentence_stops_the_model_lets_the_sentence_finish_then_says_goodbye() -> None:
+def test_the_cap_reached_mid_sentence_lets_that_sentence_finish_then_says_goodbye() -> None:
     call = Call(
         ["Sure, I can help with that. ", "What time would you"],
         llm_finishes=False,
@@ -303,9 +304,15 @@ def test_the_cap_reached_mid_sentence_stops_the_model_lets_the_sentence_finish_t
     step_at, step = call.step_with(CancelLlm)
     assert step_at == 4000 and FinishTts("r1", drop_unfinished=True) in step
     assert call.engine.phase.state is CallPhase.CLOSING and call.actions(EndCall) == []
-    call.silence(play_time("Sure, I can help with that. What time would you") + 100)
+    sentence_end = 3300 + play_time("Sure, I can help with that.")
+    call.silence(sentence_end - call.now - 40)
+    assert call.actions(ClearPlayback) == []  # the sentence is still being said
+    call.silence(60)
+    cleared_at = call.step_with(ClearPlayback)[0]
+    assert sentence_end <= cleared_at <= sentence_end + 20  # the rest, already voiced, is dropped (a frame)
     assert call.engine.history[-1] == ChatMessage(Role.ASSISTANT, "Sure, I can help with that.")
-    call.silence(play_time("Sorry, we must stop here. Goodbye!"))
+    assert call.actions(SendTtsText)[-1].text == "Sorry, we must stop here. Goodbye!"
+    call.silence(play_time("Sorry, we must stop here. Goodbye!") + 100)
     assert call.actions(EndCall) == [EndCall("max_duration", NextStep("hangup"))]
     call.speak(400)  # nothing the caller says changes the cap
     assert call.engine.phase.state is CallPhase.CLOSING

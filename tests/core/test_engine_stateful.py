@@ -121,6 +121,7 @@ class ConversationModel(RuleBasedStateMachine):
             tools=(*builtin_tools(DESTINATIONS), LOOKUP),
             tool_filler_ms=300,
             idle_reprompt_ms=3000,
+            max_call_ms=8000,  # the duration cap, within the model's reach
         )
         self.engine = Conversation(rules)
         self.feed(CallStarted(0, "CA1", "MZ1"))
