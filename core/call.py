@@ -61,7 +61,7 @@ from core.logs import bind_call, logger
 from core.providers.factory import VendorProviders
 from core.providers.roles import CallContext, CallProviders, ProviderFactory
 from core.records import CallSummary, NextStep, SavedConversation, ToolCall
-from core.tools import HttpTools
+from core.tools import HttpTools, error_result
 from core.twilio import (
     Connected,
     Dtmf,
@@ -426,7 +426,7 @@ class CallRunner:
     async def _run_tool(self, call: ToolCall) -> None:
         tools = self._services.tools
         if tools is None:
-            result = '{"error": "no tools are configured"}'
+            result = error_result("no tools are configured")
         else:
             result = await tools.run(self.call_sid, call.name, call.arguments)
         if self.live:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, quote
 
-from botocore.exceptions import BotoCoreError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from core import metrics
 from core.config import WebhookSettings
@@ -186,15 +186,6 @@ class WebhookService:
     def _twiml(body: str) -> WebhookReply:
         return WebhookReply(200, body, "text/xml")
 
-    def _item(self, call_sid: str) -> dict[str, Any] | WebhookReply | None:
-        """The call's item (consistent read), None if there is none, or the apology if it cannot be read."""
-        try:
-            return self.store.get_call(call_sid)
-        except (StoreError, BotoCoreError, Exception) as error:  # boto3's ClientError too: the caller hears why
-            metrics.count("BookkeepingFailures")
-            logger.error("could not read the call's item; the caller hears an apology", extra={"error": str(error)})
-            return self._twiml(hangup_twiml(SORRY_GOODBYE))
-
     def after_stream(self, request: IncomingRequest) -> WebhookReply:
         """Section 2b: the stream ended; the item's `next` says what the call does now. No `next`: the
         stream was lost, and the caller is reconnected (at most STREAM_RESUMES times)."""
@@ -299,10 +290,17 @@ class WebhookService:
         params = self._params(request, ["CallSid"])
         if isinstance(params, WebhookReply):
             return params
-        parent = dict(pair.split("=", 1) for pair in request.query.split("&") if "=" in pair).get("parent", "")
-        item = self._item(parent) if parent else None
-        transfer = item.get("transfer") if isinstance(item, dict) else None
-        summary = transfer.get("summary") if isinstance(transfer, dict) else None
+        parent = parse_qs(request.query).get("parent", [""])[-1]
+        summary = None
+        try:
+            item = self.store.get_call(parent) if parent else None
+        except (BotoCoreError, ClientError) as error:  # the person still hears that a call is coming
+            metrics.count("BookkeepingFailures")
+            logger.error("could not read the transferred call's summary", extra={"error": str(error)})
+            item = None
+        transfer = item.get("transfer") if item is not None else None
+        if isinstance(transfer, dict):
+            summary = transfer.get("summary")
         text = f"Transferred call. {summary}" if summary else "A call is being transferred to you."
         return self._twiml(say_twiml(text))
 

@@ -445,9 +445,7 @@ class Conversation:
         if self.agent.state in (A.SPEAKING, A.THINKING) and reply is not None:
             was_playing = self.agent.state is A.SPEAKING
             if was_playing:
-                actions.append(ClearPlayback())
-                self._play_until_ms = self._now_ms
-                self._echo.cleared(self._now_ms)
+                self._clear_playback(actions)
                 latency = self._now_ms - onset_ms
                 actions.append(RecordMetric("BargeIn", latency, Unit.MILLISECONDS, reply.id))
                 self._barge_ins.append(latency)
@@ -736,15 +734,25 @@ class Conversation:
 
     def _finish_if_heard_out(self, reply: Reply, actions: list[Action]) -> None:
         """Rule 3, the one place a reply finishes: its voice is done and its last mark was played."""
-        if not reply.heard_out:
-            return
-        self._commit_reply(reply, reply.text if reply.playback.has_audio else "", interrupted=False)
+        if reply.heard_out:
+            self._reply_finished(reply, reply.text if reply.playback.has_audio else "", actions, interrupted=False)
+
+    def _reply_finished(self, reply: Reply, heard: str, actions: list[Action], *, interrupted: bool) -> None:
+        """The reply is over as the caller heard it: into the history, the floor back to the caller, and,
+        when the call is closing, on to its next step."""
+        self._commit_reply(reply, heard, interrupted=interrupted)
         self._reply = None
         self._agent_done_ms = self._now_ms
         self.hearing.listen_again(self._now_ms)
         self.agent.fire(AgentTrigger.REPLY_FINISHED)
         if self.phase.state is CallPhase.CLOSING:
             self._close(actions)
+
+    def _clear_playback(self, actions: list[Action]) -> None:
+        """Twilio drops what is queued for the caller; nothing sent before now plays any more."""
+        actions.append(ClearPlayback())
+        self._play_until_ms = self._now_ms
+        self._echo.cleared(self._now_ms)
 
     # -- rule 6: what the caller heard enters the history --------------------------------------------------
 
@@ -854,17 +862,10 @@ class Conversation:
     def _cut_at_mark(self, reply: Reply, actions: list[Action]) -> None:
         """The sentence that was playing has been heard: what is queued after it is dropped, and the
         reply ends there, as heard."""
-        actions.append(ClearPlayback())
-        self._play_until_ms = self._now_ms
-        self._echo.cleared(self._now_ms)
+        self._clear_playback(actions)
         self._stop_streams(reply, actions)
-        self._commit_reply(reply, reply.playback.heard_text(reply.text, self._now_ms), interrupted=True)
-        self._reply = None
-        self._agent_done_ms = self._now_ms
-        self.hearing.listen_again(self._now_ms)
-        self.agent.fire(AgentTrigger.REPLY_FINISHED)
-        if self.phase.state is CallPhase.CLOSING:
-            self._close(actions)
+        heard = reply.playback.heard_text(reply.text, self._now_ms)
+        self._reply_finished(reply, heard, actions, interrupted=True)
 
     def _close(self, actions: list[Action]) -> None:
         """CLOSING, the agent silent: say the last line, or, once it was heard, end the call."""
