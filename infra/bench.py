@@ -141,7 +141,7 @@ def media_stack(out: Path, scenario: str) -> Iterator[MediaStack]:
     cores = sorted(os.sched_getaffinity(0))
     media_core, other_cores = {cores[-1]}, set(cores[:-1]) or {cores[-1]}
     os.sched_setaffinity(0, other_cores)  # the callers stay off the media service's core
-    with local_dynamodb() as dynamodb_url:
+    with local_dynamodb(cpus=other_cores) as dynamodb_url:
         aws = {
             "AWS_ACCESS_KEY_ID": "bench",
             "AWS_SECRET_ACCESS_KEY": "bench",

@@ -1,6 +1,6 @@
-"""Local stand-ins for the cloud, as processes: DynamoDB from moto's server, and services started as
-subprocesses that are ready once they print their JSON line (no polling). Used by the demo and the
-benchmark.
+"""Local stand-ins for the cloud, as processes: DynamoDB from moto's server (`python -m infra.local`),
+and services started as subprocesses that are ready once they print their JSON line (no polling).
+Used by the demo, the end-to-end tests and the benchmark.
 """
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +26,7 @@ class Service:
         self.name = name
         self._log = log.open("w")
         self.process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=self._log, text=True)
-        if cpus:  # not preexec_fn: it is unsafe in a process with threads (moto's server runs in one)
+        if cpus:  # not preexec_fn: it is unsafe in a process with threads
             os.sched_setaffinity(self.process.pid, cpus)
         assert self.process.stdout is not None
         self._watched: list[tuple[str, threading.Event]] = []
@@ -65,16 +67,36 @@ class Service:
 
 
 @contextlib.contextmanager
-def local_dynamodb() -> Iterator[str]:
+def local_dynamodb(cpus: set[int] | None = None) -> Iterator[str]:
+    """moto's DynamoDB (and S3) server in a process of its own, so that its work never competes for the
+    GIL with the process that uses it (the benchmark's callers measure latency in theirs)."""
+    server = Service(
+        "moto",
+        [sys.executable, "-m", "infra.local"],
+        dict(os.environ),
+        Path(os.devnull),
+        cpus=cpus,
+    )
+    try:
+        yield str(server.ready["listening"])
+    finally:
+        server.stop()
+
+
+def _serve_moto() -> None:
     import logging
 
     from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per DynamoDB request
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+    print(json.dumps({"listening": f"http://{host}:{port}"}), flush=True)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    server.stop()
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # before the server's threads
+    _serve_moto()
