@@ -24,6 +24,13 @@ import uvicorn
 
 from core.logs import logger
 
+# The event loop shares the GIL with the books' thread (boto3, a few ms of CPU a write). Python hands the
+# GIL back to a waiting thread only every switch interval (5 ms by default), so each time the loop wakes
+# while a write runs it can wait that long; at 50 calls, whose turns end in one burst, that was the
+# barge-in tail (p95 222 ms in one run of four). At 0.5 ms, seven runs of `parley bench --calls 50` gave
+# barge-in p95 164-176 ms, for no measurable CPU; the reply tail is still set by bursts (+3 to +79 ms).
+GIL_SWITCH_INTERVAL_S = 0.0005
+
 # uvicorn's sans-I/O WebSocket protocol, named rather than left to "auto": the legacy one is deprecated,
 # and the two measured the same per frame within the benchmark's noise.
 WS_IMPLEMENTATION = "websockets-sansio"
@@ -149,6 +156,7 @@ def serve(app: Any, host: str, port: int, drain: Drain | None = None) -> None:
         ws=WS_IMPLEMENTATION,
     )
     server = DrainingServer(config, drain)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     with asyncio.Runner(loop_factory=_fast_loop()) as runner:
         runner.run(server.serve(sockets=[listener]))
 
