@@ -245,3 +245,55 @@ async def test_a_streamed_tool_call_is_joined_and_reaches_the_engine_whole() -> 
     await replies.close()
     await chat.close()
     await emulator.stop()
+
+
+async def _lines(*lines: str) -> AsyncIterator[str]:
+    for line in lines:
+        yield line
+
+
+async def test_server_sent_events_join_their_data_lines_and_skip_the_rest() -> None:
+    from core.providers.openai import sse_data
+
+    lines = _lines(": a comment", "event: x", 'data: {"a":', "data:1}", "", "", "id: 7", "data: [DONE]")
+    assert [data async for data in sse_data(lines)] == ['{"a":\n1}', "[DONE]"]
+
+
+def _chat_over(body: bytes) -> OpenAiChat:
+    import httpx
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    chat = OpenAiChat("sk-test-key", "gpt-4o-mini", "http://model.invalid/v1")
+    chat._client = openai.AsyncOpenAI(  # the stream as a server would send it, byte for byte
+        api_key="sk-test-key",
+        base_url="http://model.invalid/v1",
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(answer)),
+    )
+    return chat
+
+
+async def test_a_chunk_that_is_not_json_is_a_clear_error() -> None:
+    chat = _chat_over(b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\ndata: <html>oops\n\n')
+    with pytest.raises(LlmError, match=r"not a chat\.completion\.chunk"):
+        [p async for p in chat.stream(MESSAGES)]
+
+
+async def test_the_stream_is_read_as_the_sdk_reads_it() -> None:
+    """The same bytes through the SDK's own stream and through ours: the same text, the same end."""
+    chunks = [
+        {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+        {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "Two "}}]},
+        {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "at 7."}}]},
+        {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 9}},
+    ]
+    body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks).encode() + b"data: [DONE]\n\n"
+    chat = _chat_over(body)
+    ours = [delta async for delta in chat.deltas(MESSAGES)]
+    sdk = await chat._client.chat.completions.create(model="m", messages=[], stream=True)
+    theirs = [chunk async for chunk in sdk if chunk.choices]
+    assert "".join(d.text for d in ours) == "".join(c.choices[0].delta.content or "" for c in theirs) == "Two at 7."
+    assert [d.finish_reason for d in ours if d.finish_reason] == ["stop"]
+    await chat.close()
