@@ -4,14 +4,16 @@ Each process asks only for what it uses: `WebhookSettings` for the Lambda, `Medi
 media service, `ProviderSettings` for `parley check`. Every field names its variable, how to read
 it and its default in one place (the field's metadata), so the table in DESIGN.md section 3 and
 this file cannot drift apart silently. A missing or malformed value raises `ConfigError` whose
-message is one line: the variable, what was wrong, and what is expected.
+message is one line: the variable, what was wrong, and what is expected. A process loads all its
+settings with one `load_settings`, so five missing variables are named in one message, not found one
+deploy at a time; a malformed value is echoed once (secrets never).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit
@@ -24,11 +26,27 @@ _REQUIRED = object()
 
 
 class ConfigError(Exception):
-    """A setting is missing or malformed; the message names the variable and what is expected."""
+    """Settings are missing or malformed; the one-line message names each variable and what is expected."""
 
     def __init__(self, variable: str, problem: str, expected: str) -> None:
-        self.variable = variable
-        super().__init__(f"{variable}: {problem}; expected {expected}")
+        self.variables = [variable]
+        self.problems = [f"{variable}: {problem}; expected {expected}"]
+        super().__init__(self.problems[0])
+
+    @property
+    def variable(self) -> str:
+        return ", ".join(self.variables)
+
+    @classmethod
+    def together(cls, errors: Sequence[ConfigError]) -> ConfigError:
+        """One error naming every problem of `errors`, in the order found."""
+        if len(errors) == 1:
+            return errors[0]
+        joined = cls.__new__(cls)
+        joined.variables = [variable for error in errors for variable in error.variables]
+        joined.problems = [problem for error in errors for problem in error.problems]
+        Exception.__init__(joined, f"{len(joined.problems)} settings need attention: " + " | ".join(joined.problems))
+        return joined
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +96,13 @@ def non_negative_int(raw: str) -> int:
     value = int(raw)
     if value < 0:
         raise ValueError(f"{raw!r} is negative")
+    return value
+
+
+def minutes_of_protection(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= 2880:  # the ECS agent's bounds for ExpiresInMinutes
+        raise ValueError(f"{value} is not between 1 and 2880")
     return value
 
 
@@ -152,22 +177,62 @@ C = TypeVar("C")
 def _load(cls: type[C], env: Mapping[str, str] | None) -> C:
     source = read_environment() if env is None else env
     values: dict[str, Any] = {}
+    problems: list[ConfigError] = []
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
         spec: _Spec = field.metadata["spec"]
         raw = source.get(spec.variable)
         if raw is None:
             if spec.default is _REQUIRED:
-                raise ConfigError(spec.variable, "is not set", spec.expected)
+                problems.append(ConfigError(spec.variable, "is not set", spec.expected))
+                continue
             raw = str(spec.default)
         try:
             values[field.name] = spec.parse(raw)
         except ValueError as error:
-            shown = "<hidden>" if spec.secret else repr(raw)
-            reason = str(error)
-            if spec.secret and raw.strip() and raw.strip() in reason:
-                reason = "is malformed"
-            raise ConfigError(spec.variable, f"{reason} (got {shown})", spec.expected) from None
-    return cls(**values)
+            problems.append(ConfigError(spec.variable, _malformed(raw, str(error), secret=spec.secret), spec.expected))
+    if problems:
+        raise ConfigError.together(problems)
+    return cls(**values)  # __post_init__ checks values against each other, once each is sound
+
+
+def _malformed(raw: str, reason: str, *, secret: bool) -> str:
+    """What was wrong, with the value shown once (a parser may have quoted it already), a secret never."""
+    if secret:
+        return "is malformed (got <hidden>)" if raw.strip() and raw.strip() in reason else f"{reason} (got <hidden>)"
+    return reason if repr(raw) in reason else f"{reason} (got {raw!r})"
+
+
+def load_settings(
+    *classes: type[Any], env: Mapping[str, str] | None = None, aws_region: bool = False
+) -> tuple[Any, ...]:
+    """Each of `classes` from the environment, with every problem of all of them in one `ConfigError`;
+    `aws_region` also asks that boto3 can find a region (else its `NoRegionError` is a traceback at the
+    first client). A given `env` is the whole environment: the AWS profile is not read then."""
+    source = read_environment() if env is None else env
+    loaded: list[Any] = []
+    problems: list[ConfigError] = []
+    for cls in classes:
+        try:
+            loaded.append(cls.from_env(source))
+        except ConfigError as error:
+            problems.append(error)
+    region = source.get("AWS_REGION") or source.get("AWS_DEFAULT_REGION") or (env is None and _profile_region())
+    if aws_region and not region:
+        problems.append(
+            ConfigError(
+                "AWS_DEFAULT_REGION", "is not set (nor AWS_REGION, nor a region in the AWS profile)", "e.g. us-east-1"
+            )
+        )
+    if problems:
+        raise ConfigError.together(problems)
+    return tuple(loaded)
+
+
+def _profile_region() -> str | None:
+    import botocore.session
+
+    region: str | None = botocore.session.get_session().get_config_variable("region")
+    return region
 
 
 def secret_values(settings: object) -> list[str]:
@@ -359,6 +424,16 @@ class MediaSettings(_TwilioAndBooks):
 
     drain_seconds: float = setting(
         "DRAIN_SECONDS", positive_float, "how long SIGTERM waits for live calls, e.g. 110", "110"
+    )
+    # Injected by ECS into every container; absent elsewhere, and then nothing is protected.
+    ecs_agent_uri: str | None = setting(
+        "ECS_AGENT_URI", optional_url("http", "https"), "the ECS agent's URI (ECS sets it), or empty", ""
+    )
+    task_protection_minutes: int = setting(
+        "TASK_PROTECTION_MINUTES",
+        minutes_of_protection,
+        "how long each scale-in protection lasts before it is renewed at half of it, 1 to 2880, e.g. 60",
+        "60",
     )
 
     @classmethod

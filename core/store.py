@@ -26,7 +26,9 @@ from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+import boto3
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
+from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from core.records import CallSummary, NextStep, SavedConversation, Speaker, TurnRecord
@@ -38,6 +40,24 @@ _PLACEHOLDER = re.compile(r":\w+")
 TERMINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 _serializer = TypeSerializer()
 _deserializer = TypeDeserializer()
+
+
+# A call cannot wait for botocore's defaults (60 s to connect, 60 s to read, each retried): the webhook's
+# Lambda has 10 s and Twilio waits 15 s for TwiML, and the media service's `next` write is the caller's
+# silence before a hang-up or transfer. Two attempts of at most 1 s to connect and 2 s to read, with
+# standard-mode backoff between them (at most 2 s before the second), end within 8 s; `/voice` answers
+# with its TwiML whether or not its write went through.
+CALL_TIMEOUTS = Config(
+    connect_timeout=1.0,
+    read_timeout=2.0,
+    retries={"mode": "standard", "total_max_attempts": 2},
+    tcp_keepalive=True,
+)
+
+
+def dynamodb_client(config: Config = CALL_TIMEOUTS) -> DynamoDBClient:
+    """The DynamoDB client both processes use (`AWS_ENDPOINT_URL_DYNAMODB` points it at a local one)."""
+    return boto3.client("dynamodb", config=config)
 
 
 class StoreError(Exception):

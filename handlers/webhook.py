@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import boto3
 from litestar import Litestar, Request, Response, get, post
 from mangum import Mangum
 
 from core import metrics as metric_sink
-from core.config import WebhookSettings, secret_values
+from core.config import WebhookSettings, load_settings, secret_values
 from core.logs import logger, redact_secrets
-from core.store import CallStore
+from core.store import CallStore, dynamodb_client
 from core.webhook import IncomingRequest, WebhookReply, WebhookService
 
 
@@ -70,9 +69,10 @@ def make_app(service: WebhookService) -> Litestar:
 
 
 def service_from_env() -> WebhookService:
-    settings = WebhookSettings.from_env()
+    settings: WebhookSettings
+    (settings,) = load_settings(WebhookSettings, aws_region=True)
     redact_secrets(secret_values(settings))
-    store = CallStore(boto3.client("dynamodb"), settings.calls_table, ttl_days=settings.call_ttl_days)
+    store = CallStore(dynamodb_client(), settings.calls_table, ttl_days=settings.call_ttl_days)
     return WebhookService(settings, store)
 
 

@@ -13,6 +13,7 @@ from core.config import (
     MediaSettings,
     ProviderSettings,
     WebhookSettings,
+    load_settings,
     normalize_word,
     read_environment,
     secret_values,
@@ -129,3 +130,37 @@ def test_a_media_stream_url_with_a_query_string_is_refused_at_start_up(url: str)
     with pytest.raises(ConfigError, match=r"MEDIA_STREAM_URL: .* Twilio strips or rejects") as raised:
         MediaSettings.from_env(env)
     assert raised.value.variable == "MEDIA_STREAM_URL"
+
+
+def test_every_missing_setting_of_a_process_is_named_in_one_line() -> None:
+    """Five missing settings across the media service's three groups, and no region: one message."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings(MediaSettings, ProviderSettings, ConversationSettings, env={"CALLS_TABLE": "c"}, aws_region=True)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("6 settings need attention: ")
+    expected = [
+        "TWILIO_AUTH_TOKEN",
+        "MEDIA_STREAM_URL",
+        "DEEPGRAM_API_KEY",
+        "OPENAI_API_KEY",
+        "ELEVENLABS_API_KEY",
+        "AWS_DEFAULT_REGION",
+    ]
+    assert raised.value.variables == expected
+    assert all(f"{variable}: " in message for variable in expected)
+
+
+def test_a_malformed_value_is_echoed_once_and_a_secret_never() -> None:
+    env = {**WEBHOOK_ENV, "CALL_TTL_DAYS": "-3", "TWILIO_AUTH_TOKEN": " "}
+    with pytest.raises(ConfigError) as raised:
+        load_settings(WebhookSettings, env={**env, "AWS_DEFAULT_REGION": "us-east-1"})
+    message = str(raised.value)
+    assert message.count("'-3'") == 1 and "TWILIO_AUTH_TOKEN: is empty (got <hidden>)" in message
+
+
+def test_no_aws_region_is_one_line_naming_aws_default_region() -> None:
+    with pytest.raises(ConfigError, match=r"^AWS_DEFAULT_REGION: is not set") as raised:
+        load_settings(WebhookSettings, env=WEBHOOK_ENV, aws_region=True)
+    assert raised.value.variables == ["AWS_DEFAULT_REGION"]
+    (settings,) = load_settings(WebhookSettings, env={**WEBHOOK_ENV, "AWS_REGION": "eu-west-1"}, aws_region=True)
+    assert settings.calls_table == "calls"

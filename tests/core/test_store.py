@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from typing import Any
 
@@ -262,3 +263,48 @@ def test_any_order_and_duplication_ends_as_the_ordered_sequence(
     assert shuffled_item == ordered
     terminal = [v for v in progression if v in {"completed", "busy", "failed", "no-answer", "canceled"}]
     assert ordered["status"] == (terminal[0] if terminal else progression[-1])
+
+
+def test_a_stalled_dynamodb_gives_up_after_two_short_attempts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listener that accepts and never answers: the write fails (the webhook then answers anyway),
+    after two attempts, instead of botocore's 60 s reads retried."""
+    import socket
+
+    import botocore.exceptions
+    from botocore.config import Config
+
+    from core.store import CALL_TIMEOUTS, dynamodb_client
+
+    stall = socket.create_server(("127.0.0.1", 0))
+    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", f"http://127.0.0.1:{stall.getsockname()[1]}")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "t")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "t")
+    quick = CALL_TIMEOUTS.merge(Config(read_timeout=0.2))  # the same attempts, a shorter wait
+    store = CallStore(dynamodb_client(quick), "calls")
+    with pytest.raises(botocore.exceptions.ReadTimeoutError):
+        store.record_call({"CallSid": "CA" + "5" * 32, "From": "+1", "To": "+2"})
+    stall.settimeout(0)
+    attempts = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            stall.accept()[0].close()
+            attempts += 1
+    assert attempts == 2
+    stall.close()
+
+
+def test_the_call_timeouts_fit_inside_the_webhooks_lambda_timeout() -> None:
+    from pathlib import Path
+
+    from samtranslator.yaml_helper import yaml_parse
+
+    from core.store import CALL_TIMEOUTS
+
+    lambda_timeout_s = yaml_parse((Path(__file__).parents[2] / "template.yaml").read_text())["Globals"]["Function"][
+        "Timeout"
+    ]
+    attempts = CALL_TIMEOUTS.retries["total_max_attempts"]
+    worst_backoff_s = 2.0 * (attempts - 1)  # botocore's standard mode: at most 2 s before a second attempt
+    worst_s = attempts * (CALL_TIMEOUTS.connect_timeout + CALL_TIMEOUTS.read_timeout) + worst_backoff_s
+    assert worst_s < lambda_timeout_s - 1  # a second left to answer with TwiML
