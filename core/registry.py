@@ -29,8 +29,9 @@ class CallRegistry:
         self._runners: set[CallRunner] = set()
         self._by_sid: dict[str, CallRunner] = {}
         self._waiters: dict[str, list[asyncio.Future[CallRunner]]] = {}
-        self.idle = asyncio.Event()
+        self.idle = asyncio.Event()  # no live call
         self.idle.set()
+        self.busy = asyncio.Event()  # at least one live call (scale-in protection waits on it)
 
     def __len__(self) -> int:
         return len(self._runners)
@@ -50,6 +51,7 @@ class CallRegistry:
     async def run(self, runner: CallRunner) -> None:
         self._runners.add(runner)
         self.idle.clear()
+        self.busy.set()
         try:
             await runner.run(on_started=self._started)
         finally:
@@ -57,6 +59,7 @@ class CallRegistry:
             if self._by_sid.get(runner.call_sid) is runner:
                 del self._by_sid[runner.call_sid]
             if not self._runners:
+                self.busy.clear()
                 self.idle.set()
 
     def _started(self, runner: CallRunner) -> None:

@@ -15,16 +15,16 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import boto3
 from litestar import Litestar, Response, WebSocket, get, websocket
 
 from core import metrics
 from core.call import CallRunner, CallServices, call_services
-from core.config import ConversationSettings, MediaSettings, ProviderSettings, secret_values
+from core.config import ConversationSettings, MediaSettings, ProviderSettings, load_settings, secret_values
 from core.logs import logger, redact_secrets
+from core.protection import TaskProtection, hold_while_busy
 from core.registry import CallRegistry
 from core.server import Drain
-from core.store import CallStore
+from core.store import CallStore, dynamodb_client
 from core.twilio import validate_upgrade
 
 _POLICY_VIOLATION = 1008
@@ -69,11 +69,19 @@ def make_app(settings: MediaSettings, services: CallServices, registry: CallRegi
                 metrics.flush()
                 await asyncio.sleep(60)
 
-        task = asyncio.create_task(loop())
+        tasks = [asyncio.create_task(loop())]
+        protection = (
+            TaskProtection(settings.ecs_agent_uri, settings.task_protection_minutes) if settings.ecs_agent_uri else None
+        )
+        if protection is not None:
+            tasks.append(asyncio.create_task(hold_while_busy(protection, registry.busy, registry.idle)))
         try:
             yield
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
+            if protection is not None:
+                await protection.aclose()
             metrics.flush()
             await services.aclose()
 
@@ -84,11 +92,14 @@ def make_app(settings: MediaSettings, services: CallServices, registry: CallRegi
 
 
 def from_env() -> tuple[Litestar, Drain]:
-    settings = MediaSettings.from_env()
-    providers = ProviderSettings.from_env()
-    conversation = ConversationSettings.from_env()
+    settings: MediaSettings
+    providers: ProviderSettings
+    conversation: ConversationSettings
+    settings, providers, conversation = load_settings(
+        MediaSettings, ProviderSettings, ConversationSettings, aws_region=True
+    )
     redact_secrets([*secret_values(settings), *secret_values(providers)])
-    store = CallStore(boto3.client("dynamodb"), settings.calls_table, ttl_days=settings.call_ttl_days)
+    store = CallStore(dynamodb_client(), settings.calls_table, ttl_days=settings.call_ttl_days)
     registry = CallRegistry()
     drain = Drain(settings.drain_seconds, registry.wait_idle, registry.end_all, lambda: len(registry))
     services = call_services(providers, conversation, store, token_key=settings.twilio_auth_token)

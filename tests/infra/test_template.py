@@ -81,7 +81,9 @@ def test_the_media_service_runs_parley_serve_media_and_drains(template: dict[str
     } <= names
     assert "PUBLIC_BASE_URL" not in names  # the media service does not need the webhook's URL
     drain = next(e["Value"] for e in container["Environment"] if e["Name"] == "DRAIN_SECONDS")
-    assert int(drain) < container["StopTimeout"]
+    assert drain == {"Ref": "DrainSeconds"}
+    assert template["Parameters"]["DrainSeconds"]["MaxValue"] < container["StopTimeout"]
+    assert "DesiredCount" not in template["Resources"]["Service"]["Properties"]  # the scaling target owns it
     assert template["Resources"]["TargetGroup"]["Properties"]["HealthCheckPath"] == "/healthz"
 
 
