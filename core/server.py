@@ -140,6 +140,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(app: Any, host: str, port: int, drain: Drain | None = None) -> None:
     """Run `app` until SIGTERM/SIGINT (draining first when `drain` is given)."""
+    # Logs and EMF metrics go to stdout, which on ECS is a pipe, so Python buffers it in blocks: an idle
+    # task's `ActiveCalls` lines (the scaling metric) sat there for minutes and came out at SIGTERM.
+    # Line buffering hands each line over as it is written.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     listener = bind(host, port)
     bound_host, bound_port = listener.getsockname()[:2]
     print(json.dumps({"listening": f"http://{bound_host}:{bound_port}"}), flush=True, file=sys.stdout)
