@@ -8,13 +8,36 @@ both sides: `POWERTOOLS_METRICS_NAMESPACE`, default `Parley`.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from aws_lambda_powertools import Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 
-from core.events import Unit
+if TYPE_CHECKING:  # at run time the engine's units are read by value: core.events imports core.tools, which counts
+    from core.events import Unit
 
 metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "Parley"))
+
+# Every metric the code emits for a failure: each has a CloudWatch alarm in template.yaml, for each
+# service that emits it (tests/infra/test_template.py reads the source and the template both ways).
+FAILURES = frozenset(
+    {
+        "BookkeepingFailures",  # a call's books not written
+        "LlmFailures",  # a reply the model did not give (after its retry)
+        "LlmRefused",  # the model refused to answer (content_filter): the caller heard an apology
+        "MalformedFrames",  # the media socket sent what Twilio does not
+        "MalformedRequests",  # a webhook request without what Twilio always sends
+        "ProviderFailures",  # a provider refused for good (key, plan, model)
+        "SignatureRejected",  # a request or upgrade not signed with our token
+        "StreamErrors",  # Twilio reported a stream error
+        "StreamResumesExhausted",  # a lost stream could not be resumed again: the caller heard an apology
+        "StreamsRefused",  # a stream without a valid token for its call
+        "TaskProtectionFailures",  # the ECS agent refused scale-in protection: a deploy may cut calls
+        "ToolFailures",  # a team's tool timed out, refused or answered garbage
+        "TtsFailures",  # a line the voice did not say
+        "UnknownCalls",  # Twilio asked what to do with a call we have no books for: it was hung up
+    }
+)
 
 
 def count(name: str, value: float = 1) -> None:
@@ -31,9 +54,9 @@ def flush() -> None:
         metrics.flush_metrics()
 
 
-_UNITS = {Unit.MILLISECONDS: MetricUnit.Milliseconds, Unit.COUNT: MetricUnit.Count}
+_UNITS = {"Milliseconds": MetricUnit.Milliseconds, "Count": MetricUnit.Count}  # Unit's values
 
 
 def record(name: str, value: float, unit: Unit) -> None:
     """A metric the conversation engine asked for, in the unit it named."""
-    metrics.add_metric(name=name, unit=_UNITS[unit], value=value)
+    metrics.add_metric(name=name, unit=_UNITS[unit.value], value=value)

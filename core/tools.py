@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from core import metrics
 from core.logs import logger
 
 END_CALL = "end_call"
@@ -172,17 +173,21 @@ class HttpTools:
                 response = await self._client.post(tool.url, json={"call_sid": call_sid, "arguments": parsed})
         except TimeoutError:
             logger.warning("a tool timed out", extra={**log, "timeout_s": tool.timeout_s})
+            metrics.count("ToolFailures")
             return error_result(f"{name} did not answer within {tool.timeout_s:g} s")
         except httpx.HTTPError as error:
             logger.warning("a tool could not be reached", extra={**log, "error": type(error).__name__})
+            metrics.count("ToolFailures")
             return error_result(f"{name} could not be reached")
         if response.status_code >= 400:
             logger.warning("a tool refused", extra={**log, "status": response.status_code})
+            metrics.count("ToolFailures")
             return error_result(f"{name} failed with HTTP {response.status_code}")
         try:
             answer = response.json()
         except ValueError:
             logger.warning("a tool answered something that is not JSON", extra={**log, "length": len(response.content)})
+            metrics.count("ToolFailures")
             return error_result(f"{name} gave an answer that is not JSON")
         logger.info("a tool answered", extra={**log, "status": response.status_code})
         text = json.dumps(answer)

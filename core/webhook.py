@@ -275,7 +275,7 @@ class WebhookService:
         if params.get("DialCallDuration", "").isdigit():
             outcome["talk_seconds"] = params["DialCallDuration"]
         self._book(lambda: self.store.record_transfer(call_sid, outcome), "could not record the transfer's end")
-        metrics.count(f"Transfers{'Answered' if status == 'completed' else 'Failed'}")
+        metrics.count("TransfersAnswered" if status == "completed" else "TransfersFailed")
         if status not in FAILED_DIAL:
             self._book(lambda: self.store.set_outcome(call_sid, "transferred"), "could not record the outcome")
             logger.info("the transfer was answered; the call is done", extra={"dial_status": status})

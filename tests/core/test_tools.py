@@ -116,10 +116,15 @@ async def test_a_tool_is_posted_the_call_sid_and_its_arguments_and_its_answer_co
 async def test_whatever_goes_wrong_is_an_error_result_for_the_model(
     server: tuple[ToolServer, str], tmp_path: Path, path: str, timeout_s: float, arguments: str, error: str
 ) -> None:
+    from core import metrics
+
     _, url = server
     tools = http_tools(tmp_path, url, path, timeout_s)
+    metrics.metrics.clear_metrics()
     result = json.loads(await tools.run("CA123", "check_availability", arguments))
     assert error in result["error"]
+    # The tool's own failures are counted for their alarm; the model's bad arguments are the model's.
+    assert ("ToolFailures" in metrics.metrics.metric_set) == (path != "/availability")
     await tools.aclose()
 
 

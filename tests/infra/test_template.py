@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,82 @@ def test_the_media_image_leaves_the_stand_ins_out() -> None:
     assert "core" in " ".join(copied) and "handlers" in " ".join(copied)
     assert not any(part.startswith(("infra", "tests", ".")) for part in copied)
     assert 'CMD ["parley", "serve", "media"' in dockerfile
+
+
+_EMITTING_CALL = re.compile(r"(?:metrics|metric_sink)\.(?:count|milliseconds)\(([^)]*)\)|RecordMetric\(\s*\"(\w+)\"")
+_FAILURE_WORDS = re.compile(r"Failure|Error|Rejected|Refused|Malformed|Exhausted|Unknown")
+
+
+def emitted_metrics() -> set[tuple[str, str]]:
+    """(metric, service) for every metric the source emits: core/webhook.py and handlers/webhook.py run
+    in the webhook (service parley-webhook), everything else in the media service."""
+    found = set()
+    for path in [*(ROOT / "core").rglob("*.py"), *(ROOT / "handlers").glob("*.py")]:
+        service = "parley-webhook" if path.name == "webhook.py" else "parley-media"
+        for call_arguments, engine_name in _EMITTING_CALL.findall(path.read_text()):
+            names = re.findall(r"\"([A-Z]\w+)\"", call_arguments) if call_arguments else [engine_name]
+            found |= {(name, service) for name in names}
+    return found
+
+
+def _dimensions_service(dimensions: list[dict[str, Any]]) -> str:
+    assert [d["Name"] for d in dimensions] == ["service"], "our metrics carry exactly the service dimension"
+    return str(dimensions[0]["Value"])
+
+
+def watched_metrics(template: dict[str, Any]) -> dict[str, set[tuple[str, str]]]:
+    """(metric, service) in our namespace, by what watches it: alarms, scaling policies, the dashboard."""
+    resources = template["Resources"]
+    watched: dict[str, set[tuple[str, str]]] = {"alarm": set(), "scaling": set(), "dashboard": set()}
+    for resource in resources.values():
+        properties = resource.get("Properties", {})
+        if resource["Type"] == "AWS::CloudWatch::Alarm":
+            metrics = [properties] + [
+                m["MetricStat"]["Metric"] for m in properties.get("Metrics", []) if "MetricStat" in m
+            ]
+            for metric in metrics:
+                namespace = metric.get("Namespace", "")
+                if str(namespace.get("Fn::Sub") if isinstance(namespace, dict) else namespace).startswith("Parley/"):
+                    watched["alarm"].add((metric["MetricName"], _dimensions_service(metric["Dimensions"])))
+        elif resource["Type"] == "AWS::ApplicationAutoScaling::ScalingPolicy":
+            custom = properties["TargetTrackingScalingPolicyConfiguration"].get("CustomizedMetricSpecification")
+            if custom:
+                watched["scaling"].add((custom["MetricName"], _dimensions_service(custom["Dimensions"])))
+    body = resources["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    for widget in json.loads(re.sub(r"\$\{[^}]+\}", "x", body))["widgets"]:
+        for line in widget["properties"].get("metrics", []):
+            if line[0].startswith("Parley/"):
+                assert line[2] == "service" and (len(line) == 4 or isinstance(line[4], dict)), line
+                watched["dashboard"].add((line[1], line[3]))
+    return watched
+
+
+def test_every_watched_metric_is_emitted_by_the_code_with_that_dimension(template: dict[str, Any]) -> None:
+    emitted = emitted_metrics()
+    assert ("ActiveCalls", "parley-media") in emitted and ("CallsStarted", "parley-webhook") in emitted
+    for watcher, metrics in watched_metrics(template).items():
+        assert metrics, f"no {watcher} watches any of our metrics"
+        assert metrics <= emitted, f"{watcher} watches metrics the code never emits: {sorted(metrics - emitted)}"
+
+
+def test_every_failure_the_code_emits_has_an_alarm(template: dict[str, Any]) -> None:
+    from core.metrics import FAILURES
+
+    emitted = emitted_metrics()
+    names = {name for name, _ in emitted}
+    assert names >= FAILURES, f"listed as failures but never emitted: {sorted(FAILURES - names)}"
+    looks_like_failure = {name for name in names if _FAILURE_WORDS.search(name)}
+    assert looks_like_failure <= FAILURES, (
+        f"failures missing from core.metrics.FAILURES: {looks_like_failure - FAILURES}"
+    )
+    alarmed = watched_metrics(template)["alarm"]
+    unalarmed = sorted(
+        (name, service) for name, service in emitted if name in FAILURES and (name, service) not in alarmed
+    )
+    assert not unalarmed, f"failure metrics without an alarm: {unalarmed}"
+
+
+def test_the_reply_latency_alarm_follows_the_silence_threshold(template: dict[str, Any]) -> None:
+    alarm = template["Resources"]["ReplyLatencyAlarm"]["Properties"]
+    expression = next(m["Expression"] for m in alarm["Metrics"] if "Expression" in m)
+    assert "${SilenceThreshold}" in expression["Fn::Sub"]
