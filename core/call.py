@@ -233,7 +233,29 @@ class CallRunner:
             self._group = None
             self._observers.clear()
             metrics.milliseconds("CallDuration", (time.monotonic() - started) * 1000)
-            logger.info("call ended", extra={"reason": self._end_reason, "malformed_frames": self.malformed_frames})
+            logger.info("call summary", extra=self._summary_line(providers, time.monotonic() - started))
+
+    def _summary_line(self, providers: CallProviders, duration_s: float) -> dict[str, Any]:
+        """The one line a team searches first (the template's Logs Insights queries read its fields)."""
+        summary = self.summary
+        replies = sorted(summary.reply_latency_ms) if summary else []
+        barge_ins = sorted(summary.barge_in_ms) if summary else []
+        return {
+            "summary": True,
+            "duration_s": round(duration_s, 1),
+            "end_reason": self._end_reason,
+            "outcome": summary.outcome if summary else None,
+            "turns": summary.turn_count if summary else 0,
+            "interruptions": summary.interruptions if summary else 0,
+            "false_barge_ins": summary.false_barge_ins if summary else 0,
+            "reply_latency_p50_ms": replies[(len(replies) - 1) // 2] if replies else None,
+            "reply_latency_max_ms": replies[-1] if replies else None,
+            "barge_in_p50_ms": barge_ins[(len(barge_ins) - 1) // 2] if barge_ins else None,
+            "barge_in_max_ms": barge_ins[-1] if barge_ins else None,
+            "provider_reconnects": providers.reconnects(),
+            "provider_failures": list(summary.provider_failures) if summary else [],
+            "malformed_frames": self.malformed_frames,
+        }
 
     async def _wait_for_start(self) -> Start | None:
         while True:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import subprocess
 import uuid
@@ -61,3 +63,16 @@ def dynamodb(request: pytest.FixtureRequest) -> Iterator[Any]:
 @pytest.fixture
 def table_name() -> str:
     return f"calls-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    """The JSON log lines, whatever stdout was when the logger was made."""
+    from core.logs import logger
+
+    handler = logger.registered_handler
+    assert isinstance(handler, logging.StreamHandler)
+    buffer = io.StringIO()
+    previous = handler.setStream(buffer)
+    yield buffer
+    handler.setStream(previous)

@@ -70,6 +70,10 @@ class CallProviders:
     def all(self) -> tuple[CallProvider, ...]:
         return (self.stt, self.chat, self.tts)
 
+    def reconnects(self) -> dict[str, int]:
+        """How often each socket provider reopened a dropped connection (the HTTP model has none)."""
+        return {"stt": getattr(self.stt, "reconnects", 0), "tts": getattr(self.tts, "reconnects", 0)}
+
 
 @dataclasses.dataclass(frozen=True)
 class CallContext:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import io
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -291,7 +292,7 @@ async def test_malformed_frames_are_counted_and_the_call_goes_on() -> None:
     assert call.books.saved[0][1].end_reason == "stop"
 
 
-async def test_a_providers_failure_for_good_reaches_the_calls_record() -> None:
+async def test_a_providers_failure_for_good_reaches_the_calls_record(log_output: io.StringIO) -> None:
     call = harness(RefusedStt, greeting="")
     watch = Watch()
     call.runner.observe(watch)
@@ -301,6 +302,13 @@ async def test_a_providers_failure_for_good_reaches_the_calls_record() -> None:
     call.twilio.stop()
     await asyncio.wait_for(running, DEADLINE_S)
     assert call.books.saved[0][1].provider_failures == ("speech-to-text: HTTP 401",)
+    # One summary line per call, with the call's ids, as the template's Logs Insights queries read it.
+    [summary] = [json.loads(line) for line in log_output.getvalue().splitlines() if '"call summary"' in line]
+    assert summary["CallSid"] == CALL_SID and summary["StreamSid"] == STREAM_SID
+    assert summary["provider_failures"] == ["speech-to-text: HTTP 401"] and summary["end_reason"] == "stop"
+    assert {"duration_s", "turns", "interruptions", "false_barge_ins", "malformed_frames"} <= set(summary)
+    assert "reply_latency_max_ms" not in summary  # no reply: absent, not a made-up 0
+    assert summary["provider_reconnects"] == {"stt": 0, "tts": 0}
 
 
 async def test_the_drain_deadline_ends_the_call_cleanly() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import io
 import json
-import logging
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -86,19 +85,6 @@ def emf_metrics(output: str) -> dict[str, float]:
                     values if isinstance(values, list) else [values]
                 )
     return found
-
-
-@pytest.fixture
-def log_output() -> Iterator[io.StringIO]:
-    """The JSON log lines, whatever stdout was when the logger was made."""
-    from core.logs import logger
-
-    handler = logger.registered_handler
-    assert isinstance(handler, logging.StreamHandler)
-    buffer = io.StringIO()
-    previous = handler.setStream(buffer)
-    yield buffer
-    handler.setStream(previous)
 
 
 def test_voice_answers_twiml_with_the_stream_and_records_the_call(

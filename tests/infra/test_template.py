@@ -173,3 +173,10 @@ def test_the_reply_latency_alarm_follows_the_silence_threshold(template: dict[st
     alarm = template["Resources"]["ReplyLatencyAlarm"]["Properties"]
     expression = next(m["Expression"] for m in alarm["Metrics"] if "Expression" in m)
     assert "${SilenceThreshold}" in expression["Fn::Sub"]
+
+
+def test_logs_insights_queries_read_the_call_summary_and_find_one_call(template: dict[str, Any]) -> None:
+    slowest = template["Resources"]["SlowestCallsQuery"]["Properties"]["QueryString"]
+    assert 'filter message = "call summary"' in slowest and "sort reply_latency_max_ms desc" in slowest
+    one_call = template["Resources"]["OneCallQuery"]["Properties"]
+    assert "filter CallSid = " in one_call["QueryString"] and len(one_call["LogGroupNames"]) == 2
