@@ -61,6 +61,7 @@ from core.logs import bind_call, logger
 from core.providers.factory import VendorProviders
 from core.providers.roles import CallContext, CallProviders, ProviderFactory
 from core.records import CallSummary, NextStep, SavedConversation, ToolCall
+from core.secrets import AuthToken
 from core.tools import HttpTools, error_result
 from core.twilio import (
     Connected,
@@ -123,7 +124,7 @@ class CallServices:
     store: CallRecorder | None
     tools: HttpTools | None = None  # a team's HTTP tools (TOOLS_FILE), shared by every call
     # The Auth Token that keys every stream's token (DESIGN.md section 2b); None admits any stream (tests).
-    stream_token_key: str | None = None
+    stream_token_key: AuthToken | None = None  # the webhook's signing key for stream tokens; None: no check
 
     async def aclose(self) -> None:
         await self.providers.aclose()
@@ -285,7 +286,7 @@ class CallRunner:
                         extra={"media_format": msgspec.structs.asdict(media_format)},
                     )
                     return None
-                problem = self._token_problem(message)
+                problem = await asyncio.to_thread(self._token_problem, message)  # may read the secret
                 if problem is not None:
                     bind_call(CallSid=message.start.call_sid, StreamSid=message.stream_sid)
                     metrics.count("StreamsRefused")
@@ -298,12 +299,18 @@ class CallRunner:
                 logger.warning("ignored a frame that came before start", extra={"event": type(message).__name__})
 
     def _token_problem(self, start: Start) -> str | None:
-        """Section 2b: a stream is admitted by the token the webhook put in its TwiML, for its CallSid."""
+        """Section 2b: a stream is admitted by the token the webhook put in its TwiML, for its CallSid.
+        Blocking when the auth token is read from its secret: run it in a thread."""
         key = self._services.stream_token_key
         if key is None:
             return None
         token = start.start.custom_parameters.get("token")
-        return stream_token_problem(key, start.start.call_sid, token, time.time())
+        problem = None
+        for candidate in key.candidates():  # after a rotation the webhook may already sign with the new token
+            problem = stream_token_problem(candidate, start.start.call_sid, token, time.time())
+            if problem is None or "not made for this CallSid" not in problem:
+                break  # only a MAC made with another token is worth a fresh read
+        return problem
 
     async def _restore(self, start: Start) -> SavedConversation | None:
         """A stream that resumes a call gets the conversation its earlier streams saved."""
@@ -548,7 +555,7 @@ def call_services(
     providers: ProviderSettings,
     conversation: ConversationSettings,
     store: CallRecorder | None,
-    token_key: str | None = None,
+    token_key: AuthToken | None = None,
 ) -> CallServices:
     """The production services: rules from the settings, the vendors' providers, the call's books."""
     rules = TurnRules.from_settings(conversation)

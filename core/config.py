@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit
 
+from core.secrets import AuthToken, secrets_manager_reader
 from core.tools import ToolSpec, load_tools_file, parse_destinations
 
 T = TypeVar("T")
@@ -106,6 +107,13 @@ def minutes_of_protection(raw: str) -> int:
     return value
 
 
+def optional_secret_arn(raw: str) -> str:
+    arn = raw.strip()
+    if arn and not (arn.startswith("arn:") and ":secretsmanager:" in arn):
+        raise ValueError(f"{raw!r} is not a Secrets Manager ARN")
+    return arn
+
+
 def url_with_scheme(*schemes: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         parts = urlsplit(raw)
@@ -190,6 +198,9 @@ def _load(cls: type[C], env: Mapping[str, str] | None) -> C:
             values[field.name] = spec.parse(raw)
         except ValueError as error:
             problems.append(ConfigError(spec.variable, _malformed(raw, str(error), secret=spec.secret), spec.expected))
+    cross_checks: Callable[[Mapping[str, Any]], list[ConfigError]] | None = getattr(cls, "cross_checks", None)
+    if cross_checks is not None:
+        problems.extend(cross_checks(values))
     if problems:
         raise ConfigError.together(problems)
     return cls(**values)  # __post_init__ checks values against each other, once each is sound
@@ -254,7 +265,25 @@ _MS = "a whole number of milliseconds >= 0, e.g. 150"
 class _TwilioAndBooks:
     """What both processes read: Twilio's token, the stream URL it signs, the calls table."""
 
-    twilio_auth_token: str = setting("TWILIO_AUTH_TOKEN", text, "the Twilio account's auth token", secret=True)
+    twilio_auth_token: str = setting(
+        "TWILIO_AUTH_TOKEN",
+        optional_text,
+        "the Twilio account's auth token (or TWILIO_AUTH_TOKEN_SECRET)",
+        "",
+        secret=True,
+    )
+    twilio_auth_token_secret: str = setting(
+        "TWILIO_AUTH_TOKEN_SECRET",
+        optional_secret_arn,
+        "the ARN of a Secrets Manager secret whose JSON has twilio_auth_token, read at run time, or empty",
+        "",
+    )
+    twilio_auth_token_max_age_s: int = setting(
+        "TWILIO_AUTH_TOKEN_MAX_AGE_SECONDS",
+        non_negative_int,
+        "how long the token read from TWILIO_AUTH_TOKEN_SECRET is cached, e.g. 300",
+        "300",
+    )
     twilio_webhook_shared_key: str = setting(
         "TWILIO_WEBHOOK_SHARED_KEY",
         optional_text,
@@ -267,6 +296,26 @@ class _TwilioAndBooks:
     )
     calls_table: str = setting("CALLS_TABLE", text, "the DynamoDB calls table's name")
     call_ttl_days: float = setting("CALL_TTL_DAYS", positive_float, "how many days a call item is kept, e.g. 30", "30")
+
+    @staticmethod
+    def cross_checks(values: Mapping[str, Any]) -> list[ConfigError]:
+        """Problems between fields, from what parsed (so they are named with every other problem)."""
+        if not values.get("twilio_auth_token", "").strip() and not values.get("twilio_auth_token_secret"):
+            return [
+                ConfigError(
+                    "TWILIO_AUTH_TOKEN",
+                    "is not set (nor TWILIO_AUTH_TOKEN_SECRET)",
+                    "the Twilio account's auth token, or the ARN of the secret that holds it",
+                )
+            ]
+        return []
+
+    def auth_token(self) -> AuthToken:
+        """The token to sign and check with: read at run time from the secret when one is named."""
+        if self.twilio_auth_token_secret:
+            reader = secrets_manager_reader(self.twilio_auth_token_secret, self.twilio_auth_token_max_age_s)
+            return AuthToken(read=reader)
+        return AuthToken(self.twilio_auth_token)
 
 
 @dataclasses.dataclass(frozen=True)

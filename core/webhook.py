@@ -61,6 +61,7 @@ class WebhookService:
         self.settings = settings
         self.store = store
         self._clock = clock
+        self.auth_token = settings.auth_token()
 
     def _url(self, request: IncomingRequest, path: str | None = None) -> str:
         return public_url(
@@ -78,23 +79,26 @@ class WebhookService:
             parse_qs(request.body.decode("utf-8", "replace"), keep_blank_values=True) if content_type == FORM else {}
         )
         signature_settings = headers.get("x-twilio-webhooks-signature-settings")
-        secret = signing_secret(
-            self.settings.twilio_auth_token, self.settings.twilio_webhook_shared_key, signature_settings
-        )
-        if secret is None:
-            logger.error(
-                "a request was signed by a Webhooks Rule's SharedKey, but TWILIO_WEBHOOK_SHARED_KEY is not set; "
-                "set it to that rule's SharedKey secret",
-                extra={"path": request.path},
+        ok = False
+        for token in self.auth_token.candidates():  # the cached token, then a fresh read after a rotation
+            secret = signing_secret(token, self.settings.twilio_webhook_shared_key, signature_settings)
+            if secret is None:
+                logger.error(
+                    "a request was signed by a Webhooks Rule's SharedKey, but TWILIO_WEBHOOK_SHARED_KEY is not "
+                    "set; set it to that rule's SharedKey secret",
+                    extra={"path": request.path},
+                )
+                break
+            ok = validate_signature(
+                secret,
+                self._url(request),
+                params if content_type == FORM else None,
+                headers.get("x-twilio-signature"),
+                raw_body=None if content_type == FORM else request.body,
+                algorithm=signature_algorithm(signature_settings),
             )
-        ok = secret is not None and validate_signature(
-            secret,
-            self._url(request),
-            params if content_type == FORM else None,
-            headers.get("x-twilio-signature"),
-            raw_body=None if content_type == FORM else request.body,
-            algorithm=signature_algorithm(signature_settings),
-        )
+            if ok or secret != token:  # a SharedKey does not rotate with the token
+                break
         if not ok:
             metrics.count("SignatureRejected")
             logger.warning(
@@ -160,7 +164,7 @@ class WebhookService:
             "From": params.get("From", ""),
             "To": params.get("To", ""),
             "Direction": params.get("Direction", ""),
-            "token": stream_token(self.settings.twilio_auth_token, call_sid, expiry),
+            "token": stream_token(self.auth_token.current(), call_sid, expiry),
             "resume": resume or "",
         }
         twiml = connect_stream_twiml(

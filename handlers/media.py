@@ -32,16 +32,26 @@ _TRY_AGAIN_LATER = 1013
 
 
 def make_app(settings: MediaSettings, services: CallServices, registry: CallRegistry, drain: Drain) -> Litestar:
+    auth_token = services.stream_token_key or settings.auth_token()
+
     @websocket("/media")
     async def media(socket: WebSocket[Any, Any, Any]) -> None:
         signature = socket.headers.get("x-twilio-signature")
-        if signature is not None and not validate_upgrade(
-            settings.twilio_auth_token,
-            settings.media_stream_url,
-            signature,
-            settings_header=socket.headers.get("x-twilio-webhooks-signature-settings"),
-            shared_key=settings.twilio_webhook_shared_key,
-        ):
+        signature_settings = socket.headers.get("x-twilio-webhooks-signature-settings")
+
+        def signed() -> bool:  # the cached token, then a fresh read after a rotation (blocking: in a thread)
+            return any(
+                validate_upgrade(
+                    token,
+                    settings.media_stream_url,
+                    signature,
+                    settings_header=signature_settings,
+                    shared_key=settings.twilio_webhook_shared_key,
+                )
+                for token in auth_token.candidates()
+            )
+
+        if signature is not None and not await asyncio.to_thread(signed):
             metrics.count("SignatureRejected")
             logger.warning("refused a media stream whose X-Twilio-Signature does not match MEDIA_STREAM_URL")
             await socket.close(code=_POLICY_VIOLATION)  # before accept: the upgrade gets 403
@@ -102,7 +112,7 @@ def from_env() -> tuple[Litestar, Drain]:
     store = CallStore(dynamodb_client(), settings.calls_table, ttl_days=settings.call_ttl_days)
     registry = CallRegistry()
     drain = Drain(settings.drain_seconds, registry.wait_idle, registry.end_all, lambda: len(registry))
-    services = call_services(providers, conversation, store, token_key=settings.twilio_auth_token)
+    services = call_services(providers, conversation, store, token_key=settings.auth_token())
     return make_app(settings, services, registry, drain), drain
 
 

@@ -52,7 +52,7 @@ def test_each_process_asks_only_for_what_it_uses() -> None:
 @pytest.mark.parametrize(
     ("cls", "env", "variable", "fragment"),
     [
-        (WebhookSettings, {**WEBHOOK_ENV, "TWILIO_AUTH_TOKEN": ""}, "TWILIO_AUTH_TOKEN", "is empty"),
+        (WebhookSettings, {**WEBHOOK_ENV, "TWILIO_AUTH_TOKEN": ""}, "TWILIO_AUTH_TOKEN", "is not set"),
         (WebhookSettings, {k: v for k, v in WEBHOOK_ENV.items() if k != "CALLS_TABLE"}, "CALLS_TABLE", "not set"),
         (WebhookSettings, {**WEBHOOK_ENV, "MEDIA_STREAM_URL": "https://x/media"}, "MEDIA_STREAM_URL", "wss"),
         (WebhookSettings, {**WEBHOOK_ENV, "PUBLIC_BASE_URL": "ftp://x"}, "PUBLIC_BASE_URL", "https"),
@@ -82,7 +82,7 @@ def test_a_bad_value_fails_with_one_line_naming_it(
 
 def test_a_malformed_secret_is_not_echoed() -> None:
     with pytest.raises(ConfigError) as caught:
-        WebhookSettings.from_env({**WEBHOOK_ENV, "TWILIO_AUTH_TOKEN": "   "})
+        ProviderSettings.from_env({**PROVIDER_ENV, "DEEPGRAM_API_KEY": "   "})
     assert "<hidden>" in str(caught.value)
 
 
@@ -139,8 +139,8 @@ def test_every_missing_setting_of_a_process_is_named_in_one_line() -> None:
     message = str(raised.value)
     assert "\n" not in message and message.startswith("6 settings need attention: ")
     expected = [
-        "TWILIO_AUTH_TOKEN",
         "MEDIA_STREAM_URL",
+        "TWILIO_AUTH_TOKEN",
         "DEEPGRAM_API_KEY",
         "OPENAI_API_KEY",
         "ELEVENLABS_API_KEY",
@@ -151,11 +151,11 @@ def test_every_missing_setting_of_a_process_is_named_in_one_line() -> None:
 
 
 def test_a_malformed_value_is_echoed_once_and_a_secret_never() -> None:
-    env = {**WEBHOOK_ENV, "CALL_TTL_DAYS": "-3", "TWILIO_AUTH_TOKEN": " "}
+    env = {**WEBHOOK_ENV, **PROVIDER_ENV, "CALL_TTL_DAYS": "-3", "OPENAI_API_KEY": " "}
     with pytest.raises(ConfigError) as raised:
-        load_settings(WebhookSettings, env={**env, "AWS_DEFAULT_REGION": "us-east-1"})
+        load_settings(WebhookSettings, ProviderSettings, env=env)
     message = str(raised.value)
-    assert message.count("'-3'") == 1 and "TWILIO_AUTH_TOKEN: is empty (got <hidden>)" in message
+    assert message.count("'-3'") == 1 and "OPENAI_API_KEY: is empty (got <hidden>)" in message
 
 
 def test_no_aws_region_is_one_line_naming_aws_default_region() -> None:

@@ -14,6 +14,7 @@ from moto import mock_aws
 from core.call import call_services
 from core.config import ConversationSettings, MediaSettings, ProviderSettings
 from core.registry import CallRegistry
+from core.secrets import AuthToken
 from core.server import Drain, RunningServer, start_in_loop
 from core.store import CallStore, create_table
 from handlers.media import make_app
@@ -90,7 +91,7 @@ async def stack(settings: dict[str, str], scenario: Scenario) -> AsyncIterator[S
         registry = CallRegistry()
         drain = Drain(media.drain_seconds, registry.wait_idle, registry.end_all, lambda: len(registry))
         services = call_services(
-            ProviderSettings.from_env(environment), ConversationSettings.from_env(environment), store, TOKEN
+            ProviderSettings.from_env(environment), ConversationSettings.from_env(environment), store, AuthToken(TOKEN)
         )
         server = await start_in_loop(make_app(media, services, registry, drain))
         try:

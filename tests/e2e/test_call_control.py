@@ -22,6 +22,7 @@ from core import metrics as metric_sink
 from core.call import call_services
 from core.config import ConversationSettings, MediaSettings, ProviderSettings, WebhookSettings
 from core.registry import CallRegistry
+from core.secrets import AuthToken
 from core.server import Drain, RunningServer, start_in_loop
 from core.store import CallStore, create_table
 from core.webhook import WebhookService
@@ -144,7 +145,7 @@ async def stack(
     media_settings = MediaSettings.from_env(environment)
     drain = Drain(media_settings.drain_seconds, registry.wait_idle, registry.end_all, lambda: len(registry))
     services = call_services(
-        ProviderSettings.from_env(environment), ConversationSettings.from_env(environment), store, TOKEN
+        ProviderSettings.from_env(environment), ConversationSettings.from_env(environment), store, AuthToken(TOKEN)
     )
     media = await start_in_loop(media_app(media_settings, services, registry, drain))
     webhook = await _webhook(store, environment)
