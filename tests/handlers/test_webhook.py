@@ -327,6 +327,47 @@ def test_a_missing_setting_fails_at_import_naming_it(monkeypatch: pytest.MonkeyP
         importlib.reload(webhook)
 
 
+def test_a_rotated_auth_token_is_followed_without_a_deploy(
+    monkeypatch: pytest.MonkeyPatch, webhook: ModuleType
+) -> None:
+    """TWILIO_AUTH_TOKEN_SECRET: the token is read at run time; after a rotation the first request
+    signed with the new token makes the webhook read the secret again, and the old token stops working."""
+    secrets = boto3.client("secretsmanager")
+    arn = secrets.create_secret(Name="parley", SecretString=json.dumps({"twilio_auth_token": TOKEN}))["ARN"]
+    monkeypatch.delenv("TWILIO_AUTH_TOKEN")
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN_SECRET", arn)
+    module = importlib.reload(webhook)
+    assert module.handler(event("/voice", VOICE_FORM), CONTEXT)["statusCode"] == 200
+
+    rotated = "rotated-auth-token-9876543210"
+    secrets.put_secret_value(SecretId=arn, SecretString=json.dumps({"twilio_auth_token": rotated}))
+    new_signature = RequestValidator(rotated).compute_signature(f"https://{HOST}/voice", VOICE_FORM)
+    answer = module.handler(event("/voice", VOICE_FORM, signature=new_signature), CONTEXT)
+    assert answer["statusCode"] == 200  # within the cache's max age: read again because the old one failed
+    token = ET.fromstring(answer["body"]).find("./Connect/Stream/Parameter[@name='token']")
+    assert token is not None and stream_token_problem(rotated, CALL_SID, token.get("value"), time.time()) is None
+    assert module.handler(event("/voice", VOICE_FORM), CONTEXT)["statusCode"] == 403  # the old token
+
+
+def test_neither_a_token_nor_its_secret_stops_the_start_naming_both(
+    monkeypatch: pytest.MonkeyPatch, webhook: ModuleType
+) -> None:
+    from core.config import ConfigError
+
+    monkeypatch.delenv("TWILIO_AUTH_TOKEN")
+    with pytest.raises(ConfigError, match=r"^TWILIO_AUTH_TOKEN: is not set \(nor TWILIO_AUTH_TOKEN_SECRET\)"):
+        importlib.reload(webhook)
+
+
+def test_the_snapshot_warm_up_touches_nothing_outside_the_process(
+    webhook: ModuleType, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """SnapStart runs `warm` before its snapshot: no DynamoDB write, no metric, no secret read."""
+    webhook.warm()
+    assert stored("CA" + "0" * 32) is None
+    assert emf_metrics(capfd.readouterr().out) == {}
+
+
 SHARED_KEY = "webhooks-rule-shared-key-secret"
 RULE = "key=webhooks_sharedkey_0123,algorithm=HMAC_SHA256"
 

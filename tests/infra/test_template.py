@@ -61,7 +61,7 @@ def test_the_webhook_routes_and_settings(template: dict[str, Any]) -> None:
     routes = {(e["Properties"]["Method"], e["Properties"]["Path"]) for e in function["Events"].values()}
     posts = ("/voice", "/status", "/stream-status", "/after-stream", "/after-dial", "/whisper")
     assert routes == {*(("POST", path) for path in posts), ("GET", "/healthz")}
-    assert {"TWILIO_AUTH_TOKEN", "MEDIA_STREAM_URL", "PUBLIC_BASE_URL", "CALLS_TABLE"} <= set(
+    assert {"TWILIO_AUTH_TOKEN_SECRET", "MEDIA_STREAM_URL", "PUBLIC_BASE_URL", "CALLS_TABLE"} <= set(
         function["Environment"]["Variables"]
     )
     assert not any(name.endswith("_API_KEY") for name in function["Environment"]["Variables"])  # no provider keys
@@ -73,7 +73,7 @@ def test_the_media_service_runs_parley_serve_media_and_drains(template: dict[str
     assert container["StopTimeout"] == 120
     names = {e["Name"] for e in container["Environment"]} | {s["Name"] for s in container["Secrets"]}
     assert {
-        "TWILIO_AUTH_TOKEN",
+        "TWILIO_AUTH_TOKEN_SECRET",
         "MEDIA_STREAM_URL",
         "CALLS_TABLE",
         "DEEPGRAM_API_KEY",
@@ -180,3 +180,10 @@ def test_logs_insights_queries_read_the_call_summary_and_find_one_call(template:
     assert 'filter message = "call summary"' in slowest and "sort reply_latency_max_ms desc" in slowest
     one_call = template["Resources"]["OneCallQuery"]["Properties"]
     assert "filter CallSid = " in one_call["QueryString"] and len(one_call["LogGroupNames"]) == 2
+
+
+def test_a_customer_managed_key_on_the_secret_is_granted_to_every_role_that_reads_it(template: dict[str, Any]) -> None:
+    text = TEMPLATE.read_text()
+    assert text.count("Action: kms:Decrypt, Resource: !Ref SecretsKmsKeyArn") == 3  # webhook, execution, task
+    assert text.count("Action: secretsmanager:GetSecretValue") == 3
+    assert template["Parameters"]["SecretsArn"]["AllowedPattern"].endswith("-[A-Za-z0-9]{6}")  # the full ARN
