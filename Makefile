@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_STAMP := infra/dynalite/node_modules/.installed
 
-.PHONY: install demo test lint unit bench clean build-WebhookFunction lambda
+.PHONY: install demo test lint unit unit-prod bench clean build-WebhookFunction lambda lock
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,28 +20,65 @@ $(NODE_STAMP): infra/dynalite/package.json infra/dynalite/package-lock.json
 	cd infra/dynalite && npm ci --no-audit --no-fund --loglevel=error
 	touch $(NODE_STAMP)
 
+# aws-sam-cli for `sam validate --lint`, in a virtualenv of its own: it pins boto3, jsonschema and
+# others to versions of its choosing.
+SAM_VENV := .venv-sam
+SAM_STAMP := $(SAM_VENV)/.installed
+$(SAM_STAMP):
+	$(PYTHON) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/pip install --quiet --disable-pip-version-check aws-sam-cli==1.170.0
+	touch $(SAM_STAMP)
+
+# The production interpreter (Lambda's python3.13, the image's 3.13): the suite's unit, engine,
+# handler and template tests run under it too (the real-time end-to-end tests and the demo run once,
+# under the default interpreter, to keep `make test` within CI's 15 minutes).
+PYTHON_PROD ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) python3.13)
+PROD_VENV := .venv-3.13
+PROD_STAMP := $(PROD_VENV)/.installed
+$(PROD_STAMP): pyproject.toml
+	$(PYTHON_PROD) -m venv $(PROD_VENV)
+	$(PROD_VENV)/bin/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PROD_VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(PROD_STAMP)
+
 install: $(STAMP) $(NODE_STAMP)
 
 demo: install
 	$(BIN)/parley demo
 
-lint: install
+lint: install $(SAM_STAMP)
 	$(BIN)/ruff check core handlers infra tests
 	$(BIN)/ruff format --check core handlers infra tests
 	$(BIN)/mypy
+	SAM_CLI_TELEMETRY=0 AWS_DEFAULT_REGION=us-east-1 $(SAM_VENV)/bin/sam validate --lint --template template.yaml
 
 unit: install
 	$(BIN)/python -m pytest
 
-test: lint unit
+unit-prod: install $(PROD_STAMP)
+	$(PROD_VENV)/bin/python -m pytest -p no:cacheprovider tests/core tests/handlers \
+		tests/infra/test_template.py tests/infra/test_build.py tests/infra/test_emulators.py
+
+test: lint unit unit-prod
 
 bench: install
 	$(BIN)/parley bench
 
-# `sam build` (BuildMethod: makefile) calls this with ARTIFACTS_DIR: the webhook's code and only its
-# own dependencies, as wheels for Lambda's arm64 Python 3.13.
+# The locks the image and the Lambda bundle install from: every version and every file's hash, for
+# any platform (uv's universal resolution). Regenerate after changing pyproject.toml's pins.
+lock: install
+	$(BIN)/python infra/lambda_requirements.py > requirements/lambda.in
+	$(BIN)/python infra/lambda_requirements.py --all > requirements/media.in
+	cd requirements && for name in lambda media; do \
+		../$(BIN)/uv pip compile $$name.in --universal --python-version 3.11 --generate-hashes --quiet \
+			--custom-compile-command "make lock" -o $$name.txt || exit 1; done
+
+# `sam build` (BuildMethod: makefile, samconfig.toml: build_in_source) calls this with ARTIFACTS_DIR:
+# the webhook's code and only its own dependencies, from the lock with their hashes, as wheels for
+# Lambda's arm64 Python 3.13 (Amazon Linux 2023: manylinux_2_28 wheels, which numpy 2.4 and others
+# now ship, as well as manylinux2014 ones).
 ARTIFACTS_DIR ?= build/lambda
-LAMBDA_PLATFORM ?= manylinux2014_aarch64
+LAMBDA_PLATFORMS ?= manylinux_2_28_aarch64 manylinux2014_aarch64
 LAMBDA_PYTHON ?= 3.13
 # Lambda's /var/task is read-only: bytecode not shipped is compiled again at every cold start.
 LAMBDA_COMPILER ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/$(LAMBDA_PYTHON)*/bin/python$(LAMBDA_PYTHON)) python$(LAMBDA_PYTHON))
@@ -49,10 +86,9 @@ build-WebhookFunction:
 	rm -rf $(ARTIFACTS_DIR) && mkdir -p $(ARTIFACTS_DIR)
 	cp -r core handlers $(ARTIFACTS_DIR)/
 	find $(ARTIFACTS_DIR) -name __pycache__ -prune -exec rm -rf {} +
-	$(PYTHON) infra/lambda_requirements.py > $(ARTIFACTS_DIR)/.requirements.txt
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-compile --target $(ARTIFACTS_DIR) \
-		--platform $(LAMBDA_PLATFORM) --implementation cp --python-version $(LAMBDA_PYTHON) --only-binary=:all: \
-		-r $(ARTIFACTS_DIR)/.requirements.txt
+		$(addprefix --platform ,$(LAMBDA_PLATFORMS)) --implementation cp --python-version $(LAMBDA_PYTHON) \
+		--only-binary=:all: --require-hashes -r requirements/lambda.txt
 	$(LAMBDA_COMPILER) -m compileall -q -j 0 --invalidation-mode unchecked-hash $(ARTIFACTS_DIR) \
 		|| echo "warning: no python$(LAMBDA_PYTHON) to precompile the bundle; cold starts will compile it"
 
@@ -60,4 +96,4 @@ lambda: build-WebhookFunction
 	cd $(ARTIFACTS_DIR) && rm -f ../webhook.zip && zip -qr9 ../webhook.zip . && du -sh . ../webhook.zip
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis demo-output bench-output build
+	rm -rf $(VENV) $(SAM_VENV) $(PROD_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis demo-output bench-output build

@@ -325,7 +325,7 @@ def lambda_figures(runs: int = 9) -> dict[str, float]:
             "build-WebhookFunction",
             f"ARTIFACTS_DIR={bundle}",
             f"PYTHON={sys.executable}",
-            f"LAMBDA_PLATFORM=manylinux2014_{platform.machine()}",
+            f"LAMBDA_PLATFORMS=manylinux_2_28_{platform.machine()} manylinux2014_{platform.machine()}",
             f"LAMBDA_PYTHON={sys.version_info.major}.{sys.version_info.minor}",
             f"LAMBDA_COMPILER={sys.executable}",
         ],

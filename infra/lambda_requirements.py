@@ -1,4 +1,5 @@
-"""Print the webhook Lambda's requirements: its dependencies, pinned as pyproject.toml pins them.
+"""Print the webhook Lambda's requirements (or, with --all, the media image's: every runtime one),
+pinned as pyproject.toml pins them: the inputs of `make lock`.
 
 The Lambda bundle holds core/ and handlers/ and only what the webhook imports; numpy, websockets,
 the openai SDK and uvloop (the media service's) and every test-only package stay out of it.
@@ -6,6 +7,7 @@ the openai SDK and uvloop (the media service's) and every test-only package stay
 
 from __future__ import annotations
 
+import sys
 import tomllib
 from pathlib import Path
 
@@ -14,5 +16,5 @@ WEBHOOK_NEEDS = {"litestar", "mangum", "msgspec", "aws-lambda-powertools", "pyth
 if __name__ == "__main__":
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     for requirement in pyproject["project"]["dependencies"]:
-        if requirement.split("==")[0].split(";")[0].strip() in WEBHOOK_NEEDS:
+        if "--all" in sys.argv[1:] or requirement.split("==")[0].split(";")[0].strip() in WEBHOOK_NEEDS:
             print(requirement)
