@@ -65,13 +65,14 @@ bench: install
 	$(BIN)/parley bench
 
 # The locks the image and the Lambda bundle install from: every version and every file's hash, for
-# any platform (uv's universal resolution). Regenerate after changing pyproject.toml's pins.
+# any platform (uv's universal resolution); the Lambda's is held to the image's versions. Regenerate
+# after changing pyproject.toml's pins.
+UV_LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes --quiet --custom-compile-command "make lock"
 lock: install
 	$(BIN)/python infra/lambda_requirements.py > requirements/lambda.in
 	$(BIN)/python infra/lambda_requirements.py --all > requirements/media.in
-	cd requirements && for name in lambda media; do \
-		../$(BIN)/uv pip compile $$name.in --universal --python-version 3.11 --generate-hashes --quiet \
-			--custom-compile-command "make lock" -o $$name.txt || exit 1; done
+	cd requirements && ../$(BIN)/uv pip compile media.in $(UV_LOCK_FLAGS) -o media.txt
+	cd requirements && ../$(BIN)/uv pip compile lambda.in -c media.txt $(UV_LOCK_FLAGS) -o lambda.txt
 
 # `sam build` (BuildMethod: makefile, samconfig.toml: build_in_source) calls this with ARTIFACTS_DIR:
 # the webhook's code and only its own dependencies, from the lock with their hashes, as wheels for

@@ -46,7 +46,9 @@ def test_each_lock_is_made_from_pyprojects_pins_and_hashes_every_file(lock: str,
     assert all("--hash=sha256:" in requirement for requirement in requirements if "==" in requirement)
 
 
-def test_the_lambda_lock_leaves_the_media_services_packages_out() -> None:
+def test_the_lambda_lock_leaves_the_media_services_packages_out_and_agrees_with_the_image() -> None:
+    lambda_pins, media_pins = pins("lambda.txt"), pins("media.txt")
+    assert {name: media_pins.get(name) for name in lambda_pins} == lambda_pins
     assert not {"numpy", "openai", "websockets", "uvloop", "uvicorn"} & set(pins("lambda.txt"))
     assert {"litestar", "mangum", "boto3", "aws-lambda-powertools"} <= set(pins("lambda.txt"))
 
