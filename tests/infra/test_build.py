@@ -76,3 +76,37 @@ def test_sam_builds_in_place() -> None:
     assert config["default"]["build"]["parameters"]["build_in_source"] is True
     makefile = (ROOT / "Makefile").read_text()
     assert "--require-hashes -r requirements/lambda.txt" in makefile and "manylinux_2_28_aarch64" in makefile
+
+
+def test_the_pruned_lambda_bundle_answers_alone(tmp_path: Path) -> None:
+    """The bundle, built as `sam build` builds it (for this machine), imported without site-packages."""
+    import os
+    import platform
+
+    bundle = tmp_path / "bundle"
+    machine = platform.machine()
+    subprocess.run(
+        [
+            "make",
+            "-s",
+            "build-WebhookFunction",
+            f"ARTIFACTS_DIR={bundle}",
+            f"PYTHON={sys.executable}",
+            f"LAMBDA_PLATFORMS=manylinux_2_28_{machine} manylinux2014_{machine}",
+            f"LAMBDA_PYTHON={sys.version_info.major}.{sys.version_info.minor}",
+            f"LAMBDA_COMPILER={sys.executable}",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    assert not {"faker", "pygments", "numpy", "openai", "tests", "infra"} & {path.name for path in bundle.iterdir()}
+    environment = {
+        **os.environ,
+        "TWILIO_AUTH_TOKEN": "t",
+        "MEDIA_STREAM_URL": "wss://media.example.com/media",
+        "CALLS_TABLE": "calls",
+    }
+    code = f"import sys; sys.path.insert(0, {str(bundle)!r}); import handlers.webhook as w; w.warm(); print('ok')"
+    answer = subprocess.run([sys.executable, "-S", "-c", code], env=environment, capture_output=True, text=True)
+    assert answer.stdout.strip().endswith("ok"), answer.stderr[-2000:]
