@@ -174,7 +174,13 @@ def read_environment(env_file: str | Path | None = ".env") -> dict[str, str]:
     if env_file is not None and Path(env_file).is_file():
         from dotenv import dotenv_values
 
-        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        from_file = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+        merged.update(from_file)
+        # boto3 reads its settings (region, keys, AWS_ENDPOINT_URL_DYNAMODB) from the process
+        # environment only: the file's AWS_ ones are exported, unless the environment has them.
+        for name, value in from_file.items():
+            if name.startswith("AWS_"):
+                os.environ.setdefault(name, value)
     merged.update(os.environ)
     return merged
 

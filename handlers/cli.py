@@ -20,9 +20,13 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("check", help="does each configured provider accept our key and protocol")
 
     serve = commands.add_parser("serve", help="run a production server under uvicorn")
-    serve.add_argument("app", choices=["media", "webhook"])
+    serve.add_argument("app", choices=["media", "webhook", "both"], help="both: one port, for a tunnel")
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--public-url",
+        help="with both: the tunnel's https URL; PUBLIC_BASE_URL and MEDIA_STREAM_URL are derived from it",
+    )
 
     bench = commands.add_parser("bench", help="measure latency, CPU and memory (DESIGN.md section 5)")
     bench.add_argument("--frames", action="store_true", help="only the per-frame audio cost")
@@ -51,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(Path(args.out), real=args.real)
         if args.command == "serve":
-            return _serve(args.app, args.host, args.port)
+            return _serve(args.app, args.host, args.port, args.public_url)
         if args.command == "bench":
             from pathlib import Path
 
@@ -70,10 +74,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _serve(app_name: str, host: str, port: int) -> int:
+def _serve(app_name: str, host: str, port: int, public_url: str | None = None) -> int:
     from core.server import serve
 
-    if app_name == "media":
+    if app_name == "both":
+        from handlers.local import from_env
+
+        both, both_drain = from_env(public_url)
+        serve(both, host, port, both_drain)
+    elif app_name == "media":
         from handlers.media import app, drain
 
         serve(app, host, port, drain)

@@ -83,20 +83,42 @@ def local_dynamodb(cpus: set[int] | None = None) -> Iterator[str]:
         server.stop()
 
 
-def _serve_moto() -> None:
+def _serve_moto(port: int, table: str | None) -> None:
     import logging
 
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    host, port = server.get_host_and_port()
-    print(json.dumps({"listening": f"http://{host}:{port}"}), flush=True)
+    host, bound = server.get_host_and_port()
+    url = f"http://{host}:{bound}"
+    if table:  # for `parley serve` on a laptop (README, "Testing with a real phone")
+        import boto3
+
+        from core.store import create_table
+
+        client = boto3.client(
+            "dynamodb",
+            endpoint_url=url,
+            aws_access_key_id="local",
+            aws_secret_access_key="local",
+            region_name="us-east-1",
+        )
+        create_table(client, table)
+    print(json.dumps({"listening": url}), flush=True)
+    if table:
+        print(f"export AWS_ENDPOINT_URL_DYNAMODB={url} CALLS_TABLE={table}", flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     server.stop()
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="moto's DynamoDB and S3 on loopback, until Ctrl-C")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--table", help="create this calls table")
+    arguments = parser.parse_args()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # before the server's threads
-    _serve_moto()
+    _serve_moto(arguments.port, arguments.table)
