@@ -103,9 +103,10 @@ def warm() -> None:
     """What the first request would otherwise pay for, done before Lambda's SnapStart snapshot: a
     request through Mangum and Litestar, and a DynamoDB write through botocore (endpoint rules,
     serializers, validation) answered by a stub, so nothing leaves the process and no metric is
-    emitted. Secrets are not read here: they must not be in the snapshot."""
+    emitted. The Secrets Manager client is made, but the secret is not read: it must not be in the snapshot."""
     from botocore.stub import Stubber
 
+    service.auth_token.prepare()  # its client, not the secret
     _asgi(_HEALTH_REQUEST, None)  # type: ignore[arg-type]  # Mangum reads no context for HTTP
     with Stubber(service.store.client) as stub:
         stub.add_response("update_item", {})
