@@ -26,12 +26,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
-
 from core.audio import EchoGate, VoiceActivityDetector, samples_to_ulaw, ulaw_to_samples
-from core.store import CallStore, create_table
+from core.store import CallStore
 from infra.caller import CallReport, HangUp, Pause, Say, SimulatedCaller, Step, WaitForAgent
-from infra.local import Service, local_dynamodb
+from infra.local import Service, local_dynamodb, local_table
 from infra.wav import read_ulaw
 
 VOICES = Path(__file__).parent / "voices"
@@ -142,24 +140,10 @@ def media_stack(out: Path, scenario: str) -> Iterator[MediaStack]:
     media_core, other_cores = {cores[-1]}, set(cores[:-1]) or {cores[-1]}
     os.sched_setaffinity(0, other_cores)  # the callers stay off the media service's core
     with local_dynamodb(cpus=other_cores) as dynamodb_url:
-        aws = {
-            "AWS_ACCESS_KEY_ID": "bench",
-            "AWS_SECRET_ACCESS_KEY": "bench",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_url,
-        }
-        client = boto3.client(
-            "dynamodb",
-            endpoint_url=dynamodb_url,
-            region_name="us-east-1",
-            aws_access_key_id="bench",
-            aws_secret_access_key="bench",
-        )
-        create_table(client, "bench-calls")
+        client, aws = local_table(dynamodb_url, "bench-calls")
         environment = {
             **os.environ,
             **aws,
-            "CALLS_TABLE": "bench-calls",
             "TWILIO_AUTH_TOKEN": TOKEN,
             "MEDIA_STREAM_URL": MEDIA_STREAM_URL,
             "SILENCE_THRESHOLD": str(THRESHOLD_MS / 1000),
@@ -286,6 +270,28 @@ print(json.dumps(result))
 """
 
 
+def build_lambda_bundle_here(bundle: Path) -> None:
+    """The webhook's bundle as `sam build` makes it (`make build-WebhookFunction`), for this machine's
+    platform and interpreter, to run it here."""
+    import subprocess
+
+    subprocess.run(
+        [
+            "make",
+            "-s",
+            "build-WebhookFunction",
+            f"ARTIFACTS_DIR={bundle}",
+            f"PYTHON={sys.executable}",
+            f"LAMBDA_PLATFORMS=manylinux_2_28_{platform.machine()} manylinux2014_{platform.machine()}",
+            f"LAMBDA_PYTHON={sys.version_info.major}.{sys.version_info.minor}",
+            f"LAMBDA_COMPILER={sys.executable}",
+        ],
+        cwd=Path(__file__).parents[1],
+        check=True,
+        capture_output=True,
+    )
+
+
 def lambda_figures(runs: int = 9) -> dict[str, float]:
     """Cold start (import + first /voice) over the bare-import floor, and the warm handler, in fresh
     interpreters, DynamoDB stubbed out (botocore's Stubber) so only our code is timed."""
@@ -318,21 +324,7 @@ def lambda_figures(runs: int = 9) -> dict[str, float]:
 
     root = Path(__file__).parents[1]
     bundle = root / "build" / "lambda-host"  # the Lambda's bundle, built for this machine to time it here
-    subprocess.run(
-        [
-            "make",
-            "-s",
-            "build-WebhookFunction",
-            f"ARTIFACTS_DIR={bundle}",
-            f"PYTHON={sys.executable}",
-            f"LAMBDA_PLATFORMS=manylinux_2_28_{platform.machine()} manylinux2014_{platform.machine()}",
-            f"LAMBDA_PYTHON={sys.version_info.major}.{sys.version_info.minor}",
-            f"LAMBDA_COMPILER={sys.executable}",
-        ],
-        cwd=root,
-        check=True,
-        capture_output=True,
-    )
+    build_lambda_bundle_here(bundle)
 
     def probe(imports: str, call: bool, warm: bool = False) -> dict[str, float]:
         code = _LAMBDA_PROBE.format(imports=imports, call=call, warm=warm, bundle=str(bundle))

@@ -22,13 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
-
-from core.store import create_table
 from infra.bench import machine, percentile
 from infra.caller import HangUp, Say, Step, WaitForAgent
 from infra.emulators.twilio import CalledParty, TwilioCall, TwilioEmulator
-from infra.local import Service, local_dynamodb
+from infra.local import Service, local_dynamodb, local_table
 
 TOKEN = "bench-call-control-token"
 PUBLIC_BASE_URL = "https://hooks.parley.bench"
@@ -40,27 +37,10 @@ CALLS = 8
 @contextlib.contextmanager
 def _stack(out: Path, scenario: str) -> Iterator[tuple[TwilioEmulator, list[Service]]]:
     with local_dynamodb() as dynamodb_url:
-        aws = {
-            "AWS_ACCESS_KEY_ID": "bench",
-            "AWS_SECRET_ACCESS_KEY": "bench",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_url,
-        }
-        table = f"bench-{scenario}"
-        create_table(
-            boto3.client(
-                "dynamodb",
-                endpoint_url=dynamodb_url,
-                region_name="us-east-1",
-                aws_access_key_id="bench",
-                aws_secret_access_key="bench",
-            ),
-            table,
-        )
+        _, aws = local_table(dynamodb_url, f"bench-{scenario}")
         environment = {
             **os.environ,
             **aws,
-            "CALLS_TABLE": table,
             "TWILIO_AUTH_TOKEN": TOKEN,
             "MEDIA_STREAM_URL": MEDIA_STREAM_URL,
             "PUBLIC_BASE_URL": PUBLIC_BASE_URL,

@@ -83,6 +83,27 @@ def local_dynamodb(cpus: set[int] | None = None) -> Iterator[str]:
         server.stop()
 
 
+def local_table(url: str, table: str) -> tuple[Any, dict[str, str]]:
+    """A calls table on the local DynamoDB at `url`: a client for it, and the environment that points a
+    process (boto3 and our settings) at it."""
+    import boto3
+
+    from core.store import create_table
+
+    client = boto3.client(
+        "dynamodb", endpoint_url=url, region_name="us-east-1", aws_access_key_id="local", aws_secret_access_key="local"
+    )
+    create_table(client, table)
+    environment = {
+        "AWS_ACCESS_KEY_ID": "local",
+        "AWS_SECRET_ACCESS_KEY": "local",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_DYNAMODB": url,
+        "CALLS_TABLE": table,
+    }
+    return client, environment
+
+
 def _serve_moto(port: int, table: str | None) -> None:
     import logging
 
@@ -94,18 +115,7 @@ def _serve_moto(port: int, table: str | None) -> None:
     host, bound = server.get_host_and_port()
     url = f"http://{host}:{bound}"
     if table:  # for `parley serve` on a laptop (README, "Testing with a real phone")
-        import boto3
-
-        from core.store import create_table
-
-        client = boto3.client(
-            "dynamodb",
-            endpoint_url=url,
-            aws_access_key_id="local",
-            aws_secret_access_key="local",
-            region_name="us-east-1",
-        )
-        create_table(client, table)
+        local_table(url, table)
     print(json.dumps({"listening": url}), flush=True)
     if table:
         print(f"export AWS_ENDPOINT_URL_DYNAMODB={url} CALLS_TABLE={table}", flush=True)

@@ -10,14 +10,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import boto3
 import pytest
 
-from core.store import CallStore, create_table
+from core.store import CallStore
 from infra.caller import HangUp, Pause, Say, SimulatedCaller, WaitForAgent
 from infra.emulators.__main__ import Emulators
 from infra.emulators.scenario import demo_scenario
-from infra.local import Service, local_dynamodb
+from infra.local import Service, local_dynamodb, local_table
 from tests.e2e.conftest import MEDIA_STREAM_URL, TOKEN
 
 
@@ -35,28 +34,14 @@ async def test_sigterm_drains_live_calls_then_exits_zero(tmp_path: Path, drain_s
     emulators = Emulators(demo_scenario())
     await emulators.start()
     with local_dynamodb() as dynamodb_url:
-        aws = {
-            "AWS_ACCESS_KEY_ID": "t",
-            "AWS_SECRET_ACCESS_KEY": "t",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_url,
-        }
-        client = boto3.client(
-            "dynamodb",
-            endpoint_url=dynamodb_url,
-            region_name="us-east-1",
-            aws_access_key_id="t",
-            aws_secret_access_key="t",
-        )
-        table = f"calls-drain-{drain_seconds}"  # moto's server keeps tables across tests
-        create_table(client, table)
+        table = f"calls-drain-{drain_seconds}"
+        client, aws = local_table(dynamodb_url, table)
         environment = {
             **os.environ,
             **aws,
             **emulators.environment(),
             "TWILIO_AUTH_TOKEN": TOKEN,
             "MEDIA_STREAM_URL": MEDIA_STREAM_URL,
-            "CALLS_TABLE": table,
             "SILENCE_THRESHOLD": "1.0",
             "GREETING": "",
             "DRAIN_SECONDS": drain_seconds,

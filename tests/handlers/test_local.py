@@ -8,16 +8,14 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import boto3
 import httpx
 import pytest
 from twilio.request_validator import RequestValidator
 
 from core.config import ConfigError
-from core.store import create_table
 from handlers.local import public_urls
 from infra.caller import HangUp, Pause, SimulatedCaller
-from infra.local import Service, local_dynamodb
+from infra.local import Service, local_dynamodb, local_table
 
 TUNNEL = "https://abc123.ngrok.app"
 TOKEN = "local-auth-token-0123456789"
@@ -36,24 +34,14 @@ def test_the_public_urls_come_from_the_tunnels() -> None:
 
 async def test_one_port_answers_the_webhook_and_the_media_socket(tmp_path: Path) -> None:
     with local_dynamodb() as dynamodb_url:
-        aws = {"AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_DEFAULT_REGION": "us-east-1"}
-        client = boto3.client(
-            "dynamodb",
-            endpoint_url=dynamodb_url,
-            aws_access_key_id="t",
-            aws_secret_access_key="t",
-            region_name="us-east-1",
-        )
-        create_table(client, "calls-local")
+        _, aws = local_table(dynamodb_url, "calls-local")
         environment = {
             key: value for key, value in os.environ.items() if key not in ("PUBLIC_BASE_URL", "MEDIA_STREAM_URL")
         }
         environment.update(
             {
                 **aws,
-                "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_url,
                 "TWILIO_AUTH_TOKEN": TOKEN,
-                "CALLS_TABLE": "calls-local",
                 "DEEPGRAM_API_KEY": "dg",
                 "OPENAI_API_KEY": "sk",
                 "ELEVENLABS_API_KEY": "el",

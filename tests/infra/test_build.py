@@ -81,25 +81,11 @@ def test_sam_builds_in_place() -> None:
 def test_the_pruned_lambda_bundle_answers_alone(tmp_path: Path) -> None:
     """The bundle, built as `sam build` builds it (for this machine), imported without site-packages."""
     import os
-    import platform
+
+    from infra.bench import build_lambda_bundle_here
 
     bundle = tmp_path / "bundle"
-    machine = platform.machine()
-    subprocess.run(
-        [
-            "make",
-            "-s",
-            "build-WebhookFunction",
-            f"ARTIFACTS_DIR={bundle}",
-            f"PYTHON={sys.executable}",
-            f"LAMBDA_PLATFORMS=manylinux_2_28_{machine} manylinux2014_{machine}",
-            f"LAMBDA_PYTHON={sys.version_info.major}.{sys.version_info.minor}",
-            f"LAMBDA_COMPILER={sys.executable}",
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
+    build_lambda_bundle_here(bundle)
     assert not {"faker", "pygments", "numpy", "openai", "tests", "infra"} & {path.name for path in bundle.iterdir()}
     environment = {
         **os.environ,
