@@ -168,14 +168,13 @@ def test_no_aws_region_is_one_line_naming_aws_default_region() -> None:
 
 def test_the_env_files_aws_settings_reach_boto3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A new user's .env names the region and a local DynamoDB; boto3 reads only the process environment."""
-    env_file = tmp_path / ".env"
-    env_file.write_text("AWS_ENDPOINT_URL_DYNAMODB=http://127.0.0.1:4566\nAWS_DEFAULT_REGION=eu-west-3\nGREETING=Hi\n")
-    monkeypatch.delenv("AWS_ENDPOINT_URL_DYNAMODB", raising=False)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    read_environment(env_file)
     import os
 
+    env_file = tmp_path / ".env"
+    env_file.write_text("AWS_ENDPOINT_URL_DYNAMODB=http://127.0.0.1:4566\nAWS_DEFAULT_REGION=eu-west-3\nGREETING=Hi\n")
+    environment = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL_DYNAMODB"}
+    monkeypatch.setattr(os, "environ", {**environment, "AWS_DEFAULT_REGION": "us-east-1"})  # restored after
+    read_environment(env_file)
     assert os.environ["AWS_ENDPOINT_URL_DYNAMODB"] == "http://127.0.0.1:4566"
     assert os.environ["AWS_DEFAULT_REGION"] == "us-east-1"  # the real environment wins
-    assert "GREETING" not in os.environ or os.environ["GREETING"] != "Hi"
-    monkeypatch.delenv("AWS_ENDPOINT_URL_DYNAMODB")
+    assert os.environ.get("GREETING") != "Hi"  # only boto3's settings are exported
