@@ -243,7 +243,13 @@ class SimulatedCaller:
         try:
             await self._socket.send(json.dumps(message))
         except websockets.ConnectionClosed:
-            self.report.closed_by_server = True
+            self._closed_by_server()
+
+    def _closed_by_server(self) -> None:
+        """Whichever notices first, the sender or the reader: the moment the server's socket went away."""
+        self.report.closed_by_server = True
+        if self.report.closed_at is None:
+            self.report.closed_at = time.monotonic()
 
     async def _speak(self, socket: websockets.ClientConnection, reader: asyncio.Task[None]) -> None:
         frame_index = 0
@@ -309,7 +315,7 @@ class SimulatedCaller:
                 await self._send_event("stop", stop={"accountSid": "AC" + "0" * 32, "callSid": self.report.call_sid})
                 return
             if reader.done() or self.report.closed_by_server:
-                self.report.closed_by_server = True
+                self._closed_by_server()
                 return
 
             frame, audio = (audio[:FRAME_BYTES], audio[FRAME_BYTES:]) if audio else (SILENCE, b"")
@@ -377,8 +383,7 @@ class SimulatedCaller:
                     self._on_clear(now)
         except websockets.ConnectionClosed:
             pass
-        self.report.closed_by_server = True
-        self.report.closed_at = time.monotonic()
+        self._closed_by_server()
 
     def _on_media(self, now: float, ulaw: bytes) -> None:
         self.report.media_received += 1
