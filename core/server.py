@@ -161,8 +161,21 @@ def serve(app: Any, host: str, port: int, drain: Drain | None = None) -> None:
     )
     server = DrainingServer(config, drain)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    _calm_the_collector()
     with asyncio.Runner(loop_factory=_fast_loop()) as runner:
         runner.run(server.serve(sockets=[listener]))
+
+
+def _calm_the_collector() -> None:
+    """Python's cyclic GC stopped the media service's loop for 120-206 ms once per 50-call bench round
+    (the loop-lag monitor's max; 21-45 ms with the GC off): a full collection walks every object the
+    process holds, the imported libraries' included. Those are moved out of its reach (`gc.freeze`),
+    and the young generation is collected less often; cycles are still collected."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def _fast_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:

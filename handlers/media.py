@@ -21,6 +21,7 @@ from core import metrics
 from core.call import CallRunner, CallServices, call_services
 from core.config import ConversationSettings, MediaSettings, ProviderSettings, load_settings, secret_values
 from core.logs import logger, redact_secrets
+from core.loop_lag import LoopLag
 from core.protection import TaskProtection, hold_while_busy
 from core.registry import CallRegistry
 from core.server import Drain
@@ -66,9 +67,15 @@ def make_app(settings: MediaSettings, services: CallServices, registry: CallRegi
             with contextlib.suppress(Exception):
                 await socket.close()
 
+    lag = LoopLag()
+
     @get("/healthz", sync_to_thread=False)
     def healthz() -> Response[dict[str, Any]]:
-        body = {"status": "draining" if drain.draining else "ok", "active_calls": len(registry)}
+        body = {
+            "status": "draining" if drain.draining else "ok",
+            "active_calls": len(registry),
+            "loop_lag_ms": lag.summary_ms(),  # over the last 30 s
+        }
         return Response(body, status_code=503 if drain.draining else 200)
 
     @contextlib.asynccontextmanager
@@ -76,10 +83,11 @@ def make_app(settings: MediaSettings, services: CallServices, registry: CallRegi
         async def loop() -> None:
             while True:
                 metrics.count("ActiveCalls", len(registry))
+                metrics.milliseconds("EventLoopLag", lag.summary_ms()["p99"])
                 metrics.flush()
                 await asyncio.sleep(60)
 
-        tasks = [asyncio.create_task(loop())]
+        tasks = [asyncio.create_task(loop()), asyncio.create_task(lag.run())]
         protection = (
             TaskProtection(settings.ecs_agent_uri, settings.task_protection_minutes) if settings.ecs_agent_uri else None
         )

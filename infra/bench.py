@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 import timeit
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,14 @@ def _measure(pid: int, media_url: str, count: int) -> dict[str, Any]:
     cpu_before, wall_before = _cpu_seconds(pid), time.monotonic()
     peak = {"rss": baseline_rss}
 
+    health_url = media_url.replace("ws://", "http://").removesuffix("/media") + "/healthz"
+    lags: list[dict[str, float]] = []
+
+    def loop_lag() -> dict[str, float]:
+        with urllib.request.urlopen(health_url, timeout=5) as response:
+            lag: dict[str, float] = json.loads(response.read())["loop_lag_ms"]
+            return lag
+
     async def sample() -> None:
         while True:
             peak["rss"] = max(peak["rss"], _rss_mb(pid))
@@ -202,6 +211,7 @@ def _measure(pid: int, media_url: str, count: int) -> dict[str, Any]:
             sampler.cancel()
 
     reports = asyncio.run(main())
+    lags.append(loop_lag())  # after the round, not during it: the callers' process times every latency
     wall = time.monotonic() - wall_before
     cpu = _cpu_seconds(pid) - cpu_before
     call_minutes = sum(r.duration_ms for r in reports) / 60_000
@@ -220,6 +230,11 @@ def _measure(pid: int, media_url: str, count: int) -> dict[str, Any]:
         "rss_mb_per_live_call": (peak["rss"] - baseline_rss) / count,
         "rss_mb_after_calls_above_before": _rss_mb(pid) - baseline_rss,
         "calls_without_barge_in": sum(1 for r in reports if not r.barge_in_latencies_ms),
+        # The round's last 30 s (all of it), as the media service measured its own loop.
+        "loop_lag_ms": {
+            "p99": max((lag["p99"] for lag in lags), default=0.0),
+            "max": max((lag["max"] for lag in lags), default=0.0),
+        },
         "mean_call_s": statistics.mean(r.duration_ms for r in reports) / 1000,
     }
 
@@ -233,6 +248,7 @@ def _line(result: dict[str, Any]) -> str:
         f" {result['cpu_seconds_per_call_minute']:.2f} s/call-min"
         f" | RSS {result['rss_mb_per_live_call']:.2f} MB/call,"
         f" {result['rss_mb_after_calls_above_before']:+.1f} MB after"
+        f" | loop lag p99 {result['loop_lag_ms']['p99']:.0f} max {result['loop_lag_ms']['max']:.0f} ms"
     )
 
 

@@ -59,7 +59,7 @@ async def test_one_port_answers_the_webhook_and_the_media_socket(tmp_path: Path)
                 health = await http.get("/healthz")
             stream = ET.fromstring(voice.text).find("./Connect/Stream")
             assert stream is not None and stream.get("url") == "wss://abc123.ngrok.app/media"
-            assert health.json() == {"status": "ok", "active_calls": 0}  # the media app's health
+            assert health.json()["active_calls"] == 0 and "loop_lag_ms" in health.json()  # the media app's health
 
             refused = server.watch_for("refused a stream")
             caller = SimulatedCaller(
