@@ -304,13 +304,11 @@ class CallRunner:
         key = self._services.stream_token_key
         if key is None:
             return None
-        token = start.start.custom_parameters.get("token")
-        problem = None
-        for candidate in key.candidates():  # after a rotation the webhook may already sign with the new token
-            problem = stream_token_problem(candidate, start.start.call_sid, token, time.time())
-            if problem is None or "not made for this CallSid" not in problem:
-                break  # only a MAC made with another token is worth a fresh read
-        return problem
+        token, call_sid, now = start.start.custom_parameters.get("token"), start.start.call_sid, time.time()
+        # After a rotation the webhook may already sign with the new token.
+        if key.accepts(lambda candidate: stream_token_problem(candidate, call_sid, token, now) is None):
+            return None
+        return stream_token_problem(key.current(), call_sid, token, now)
 
     async def _restore(self, start: Start) -> SavedConversation | None:
         """A stream that resumes a call gets the conversation its earlier streams saved."""

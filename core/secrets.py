@@ -74,6 +74,10 @@ class AuthToken:
     def current(self) -> str:
         return self._read(False) if self._read is not None else self._fixed
 
+    def accepts(self, check: Callable[[str], bool]) -> bool:
+        """Whether `check` passes with the current token or, once it failed, with a fresh read."""
+        return any(check(token) for token in self.candidates())
+
     def candidates(self) -> Iterator[str]:
         """The current token, then, if a check with it failed and the floor allows, a fresh read of the
         secret when it differs: a rotation is followed at the first request signed with the new token."""

@@ -79,17 +79,11 @@ class WebhookService:
             parse_qs(request.body.decode("utf-8", "replace"), keep_blank_values=True) if content_type == FORM else {}
         )
         signature_settings = headers.get("x-twilio-webhooks-signature-settings")
-        ok = False
-        for token in self.auth_token.candidates():  # the cached token, then a fresh read after a rotation
-            secret = signing_secret(token, self.settings.twilio_webhook_shared_key, signature_settings)
-            if secret is None:
-                logger.error(
-                    "a request was signed by a Webhooks Rule's SharedKey, but TWILIO_WEBHOOK_SHARED_KEY is not "
-                    "set; set it to that rule's SharedKey secret",
-                    extra={"path": request.path},
-                )
-                break
-            ok = validate_signature(
+        shared_key = self.settings.twilio_webhook_shared_key
+
+        def signed_with(token: str) -> bool:
+            secret = signing_secret(token, shared_key, signature_settings)
+            return secret is not None and validate_signature(
                 secret,
                 self._url(request),
                 params if content_type == FORM else None,
@@ -97,8 +91,16 @@ class WebhookService:
                 raw_body=None if content_type == FORM else request.body,
                 algorithm=signature_algorithm(signature_settings),
             )
-            if ok or secret != token:  # a SharedKey does not rotate with the token
-                break
+
+        if signing_secret("", shared_key, signature_settings) is None:  # a Webhooks Rule, and no key for it
+            logger.error(
+                "a request was signed by a Webhooks Rule's SharedKey, but TWILIO_WEBHOOK_SHARED_KEY is not set; "
+                "set it to that rule's SharedKey secret",
+                extra={"path": request.path},
+            )
+            ok = False
+        else:  # the cached token, then a fresh read after a rotation
+            ok = self.auth_token.accepts(signed_with)
         if not ok:
             metrics.count("SignatureRejected")
             logger.warning(

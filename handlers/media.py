@@ -41,15 +41,14 @@ def make_app(settings: MediaSettings, services: CallServices, registry: CallRegi
         signature_settings = socket.headers.get("x-twilio-webhooks-signature-settings")
 
         def signed() -> bool:  # the cached token, then a fresh read after a rotation (blocking: in a thread)
-            return any(
-                validate_upgrade(
+            return auth_token.accepts(
+                lambda token: validate_upgrade(
                     token,
                     settings.media_stream_url,
                     signature,
                     settings_header=signature_settings,
                     shared_key=settings.twilio_webhook_shared_key,
                 )
-                for token in auth_token.candidates()
             )
 
         if signature is not None and not await asyncio.to_thread(signed):
